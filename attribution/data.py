@@ -1,0 +1,413 @@
+"""Image datasets with a stable integer id per item.
+
+Every dataset is an :class:`ImageSet`: parallel arrays ``ids``, ``labels`` and a
+lazy ``images(positions)`` reader, so that a shard of a large dataset can be read
+without loading the rest. Ids are unique across the splits of one dataset (test ids
+follow the train ids) and never change under subsetting, so tables written by any
+stage can be joined on them.
+
+Loaders:
+- Fashion-MNIST: the original IDX files (Debian package ``dataset-fashion-mnist``
+  installs them under /usr/share/datasets/fashion-mnist), decompressed once into a
+  cache and memory-mapped; torchvision's download is the fallback where a network
+  exists.
+- CIFAR-10: the torchvision (python pickle) layout, ``ROOT/cifar-10-batches-py``.
+- ImageNet: the ImageFolder layout, ``ROOT/train/<wnid>/*.JPEG``, ``ROOT/val/<wnid>/*``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+SPLITS = ("train", "test")
+DATASETS = ("fashion-mnist", "cifar10", "imagenet")
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are missing; the message says where we looked and how to get them."""
+
+
+def cache_dir() -> Path:
+    """Where decompressed dataset files are cached (``ATTRIBUTION_CACHE`` overrides)."""
+    root = os.environ.get("ATTRIBUTION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "image-attribution"
+    )
+    return Path(root)
+
+
+class ImageSet:
+    """One split of a dataset: ids, labels and a lazy image reader.
+
+    ``images(positions)`` returns uint8 pixels shaped (n, H, W, C); positions index
+    this set (0..len-1), not ids. ``mean`` and ``std`` are per-channel statistics in
+    [0, 1] units for normalisation.
+    """
+
+    name: str
+    split: str
+    ids: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the images ``images`` returns."""
+        raise NotImplementedError
+
+    def images(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def subset(self, positions: Sequence[int] | np.ndarray) -> "ImageSet":
+        return _Subset(self, np.asarray(positions, dtype=np.int64))
+
+    def positions_of(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Positions of the given ids in this set; raises KeyError naming missing ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(self.ids, kind="stable")
+        sorted_ids = self.ids[order]
+        where = np.searchsorted(sorted_ids, ids)
+        where = np.clip(where, 0, len(sorted_ids) - 1)
+        found = sorted_ids[where] == ids if len(sorted_ids) else np.zeros(len(ids), bool)
+        if not np.all(found):
+            missing = ids[~found][:10].tolist()
+            raise KeyError(f"ids not in {self.name}/{self.split}: {missing}")
+        return order[where]
+
+    def describe(self) -> dict:
+        counts = np.bincount(self.labels, minlength=self.num_classes).tolist() if len(self) else []
+        return {"dataset": self.name, "split": self.split, "items": len(self), "per_class": counts}
+
+
+class ArrayImageSet(ImageSet):
+    """Images held in (or memory-mapped from) one uint8 array shaped (N, H, W, C)."""
+
+    def __init__(self, name, split, pixels, labels, ids, classes, mean, std):
+        if len(pixels) != len(labels) or len(labels) != len(ids):
+            raise ValueError(
+                f"{name}/{split}: {len(pixels)} images, {len(labels)} labels, {len(ids)} ids; "
+                "they must be the same length"
+            )
+        self.name, self.split = name, split
+        self._pixels = pixels
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.classes = list(classes)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @property
+    def image_shape(self):
+        return tuple(self._pixels.shape[1:])
+
+    def images(self, positions):
+        positions = np.asarray(positions, dtype=np.int64)
+        return np.ascontiguousarray(self._pixels[positions])
+
+
+class _Subset(ImageSet):
+    def __init__(self, parent: ImageSet, positions: np.ndarray):
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(parent)):
+            raise IndexError(f"subset positions out of range for {parent.name}/{parent.split}")
+        self._parent, self._positions = parent, positions
+        self.name, self.split = parent.name, parent.split
+        self.ids = parent.ids[positions]
+        self.labels = parent.labels[positions]
+        self.classes, self.mean, self.std = parent.classes, parent.mean, parent.std
+
+    @property
+    def image_shape(self):
+        return self._parent.image_shape
+
+    def images(self, positions):
+        return self._parent.images(self._positions[np.asarray(positions, dtype=np.int64)])
+
+
+class FolderImageSet(ImageSet):
+    """Image files decoded on read, resized (shorter side) and centre-cropped to a square."""
+
+    def __init__(self, name, split, paths, labels, ids, classes, mean, std, size=224, resize=256):
+        self.name, self.split = name, split
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.classes = list(classes)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.size, self.resize = size, resize
+
+    @property
+    def image_shape(self):
+        return (self.size, self.size, 3)
+
+    def images(self, positions):
+        from PIL import Image
+
+        out = np.empty((len(positions), self.size, self.size, 3), dtype=np.uint8)
+        for row, position in enumerate(np.asarray(positions, dtype=np.int64)):
+            with Image.open(self.paths[position]) as image:
+                image = image.convert("RGB")
+                w, h = image.size
+                scale = self.resize / min(w, h)
+                image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                                     Image.BILINEAR)
+                w, h = image.size
+                left, top = (w - self.size) // 2, (h - self.size) // 2
+                out[row] = np.asarray(image.crop((left, top, left + self.size, top + self.size)))
+        return out
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz) fully into memory."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    return _parse_idx(data, path)
+
+
+def _parse_idx(data: bytes, path) -> np.ndarray:
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise ValueError(f"{path}: only unsigned-byte IDX files are supported (type code {dtype_code:#x})")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape))
+    if len(data) - offset != expected:
+        raise ValueError(
+            f"{path} is truncated or corrupt: header says {shape} ({expected} bytes) "
+            f"but it holds {len(data) - offset} bytes; reinstall the dataset"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def _idx_memmap(gz_path: Path, cache: Path) -> np.ndarray:
+    """Decompress an IDX .gz once into the cache (atomically) and memory-map it."""
+    target = cache / (gz_path.name[:-3] if gz_path.name.endswith(".gz") else gz_path.name + ".raw")
+    stamp = f"{gz_path.stat().st_size}-{int(gz_path.stat().st_mtime)}"
+    stamp_file = target.with_suffix(".stamp")
+    if not (target.exists() and stamp_file.exists() and stamp_file.read_text() == stamp):
+        read_idx(gz_path)  # validates the header and length before anything is cached
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        opener = gzip.open if gz_path.name.endswith(".gz") else open
+        with opener(gz_path, "rb") as source, open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out)
+        os.replace(tmp, target)  # a reader never sees a half-written cache file
+        stamp_file.write_text(stamp)
+    with open(target, "rb") as handle:
+        header = handle.read(4)
+        ndim = header[3]
+        shape = struct.unpack(">" + "I" * ndim, handle.read(4 * ndim))
+    return np.memmap(target, dtype=np.uint8, mode="r", offset=4 + 4 * ndim, shape=shape)
+
+
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def _find_fashion_mnist(root: str | os.PathLike | None) -> Path | None:
+    candidates = [Path(root)] if root else []
+    candidates += [FASHION_MNIST_SYSTEM_DIR, cache_dir() / "fashion-mnist"]
+    for folder in candidates:
+        for sub in (folder, folder / "FashionMNIST" / "raw"):
+            if all((sub / name).exists() for pair in FASHION_MNIST_FILES.values() for name in pair):
+                return sub
+    return None
+
+
+def load_fashion_mnist(split: str, root=None, download: bool = True) -> ArrayImageSet:
+    folder = _find_fashion_mnist(root)
+    if folder is None and download:
+        folder = _download_fashion_mnist(root)
+    if folder is None:
+        looked = ", ".join(str(p) for p in ([Path(root)] if root else []) + [FASHION_MNIST_SYSTEM_DIR])
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST IDX files not found (looked in {looked}). Install them with "
+            "'apt-get update && apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or pass "
+            "--data-root to a folder holding train-images-idx3-ubyte.gz and friends."
+        )
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    cache = cache_dir() / "idx"
+    pixels = _idx_memmap(folder / image_file, cache)
+    labels = read_idx(folder / label_file).astype(np.int64)
+    if pixels.shape[0] != labels.shape[0]:
+        raise ValueError(f"Fashion-MNIST {split}: {pixels.shape[0]} images but {labels.shape[0]} labels")
+    offset = 0 if split == "train" else 60000
+    ids = np.arange(len(labels), dtype=np.int64) + offset
+    return ArrayImageSet("fashion-mnist", split, pixels[..., None], labels, ids,
+                         FASHION_MNIST_CLASSES, mean=(0.2860,), std=(0.3530,))
+
+
+def _download_fashion_mnist(root) -> Path | None:
+    """torchvision's download, for machines with a network but without the Debian package."""
+    target = Path(root) if root else cache_dir() / "fashion-mnist"
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        for train in (True, False):
+            FashionMNIST(str(target), train=train, download=True)
+    except Exception:  # no network, or a mirror is down: the caller raises the clear error
+        return None
+    return _find_fashion_mnist(target)
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+def load_cifar10(split: str, root) -> ArrayImageSet:
+    if root is None:
+        raise DatasetNotFoundError(
+            "CIFAR-10 needs --data-root: a folder holding cifar-10-batches-py/ (torchvision's layout; "
+            "'torchvision.datasets.CIFAR10(ROOT, download=True)' on a machine with a network makes it)."
+        )
+    folder = Path(root)
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"CIFAR-10 {split} files {missing} not found in {folder}. Expected torchvision's layout "
+            "ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}; "
+            "'torchvision.datasets.CIFAR10(ROOT, download=True)' on a machine with a network makes it."
+        )
+    pixels, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as handle:
+            try:
+                batch = pickle.load(handle, encoding="latin1")
+            except Exception as error:
+                raise ValueError(f"{folder / name} is not a CIFAR-10 python batch: {error}") from error
+        pixels.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    pixels_all, labels_all = np.concatenate(pixels), np.concatenate(labels)
+    offset = 0 if split == "train" else 50000
+    ids = np.arange(len(labels_all), dtype=np.int64) + offset
+    return ArrayImageSet("cifar10", split, pixels_all, labels_all, ids, CIFAR10_CLASSES,
+                         mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
+# ----------------------------------------------------------------------------- ImageNet
+
+
+def _list_image_folder(folder: Path, classes: list[str] | None):
+    if not folder.is_dir():
+        raise DatasetNotFoundError(
+            f"ImageNet folder {folder} not found. Expected the ImageFolder layout "
+            "ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG (val sorted into class folders)."
+        )
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    classes = classes or found
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += files
+        labels += [label] * len(files)
+    return classes, paths, labels
+
+
+def load_imagenet(split: str, root, size: int = 224) -> FolderImageSet:
+    if root is None:
+        raise DatasetNotFoundError("ImageNet needs --data-root: a folder with train/ and val/ in ImageFolder layout.")
+    root = Path(root)
+    classes, train_paths, _ = _list_image_folder(root / "train", None)
+    if split == "train":
+        paths, labels, offset = train_paths, None, 0
+        _, paths, labels = _list_image_folder(root / "train", classes)
+    else:
+        _, paths, labels = _list_image_folder(root / "val", classes)
+        offset = len(train_paths)
+    if not paths:
+        raise DatasetNotFoundError(f"no images under {root / ('train' if split == 'train' else 'val')}")
+    ids = np.arange(len(paths), dtype=np.int64) + offset
+    return FolderImageSet("imagenet", split, paths, labels, ids, classes,
+                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), size=size,
+                          resize=round(size * 256 / 224))
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything needed to rebuild one split anywhere (a Ray worker, another machine).
+
+    ``n_per_class`` keeps a seeded random subset of that many items per class.
+    """
+
+    name: str = "fashion-mnist"
+    split: str = "train"
+    root: str | None = None
+    n_per_class: int | None = None
+    seed: int = 0
+
+    def load(self) -> ImageSet:
+        return load_dataset(self.name, self.split, root=self.root, n_per_class=self.n_per_class, seed=self.seed)
+
+
+def load_dataset(name: str, split: str, root=None, n_per_class: int | None = None, seed: int = 0) -> ImageSet:
+    """Load one split of a dataset, optionally a seeded ``n_per_class`` subset."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if name == "fashion-mnist":
+        data = load_fashion_mnist(split, root)
+    elif name == "cifar10":
+        data = load_cifar10(split, root)
+    else:
+        data = load_imagenet(split, root)
+    if len(data) == 0:
+        raise ValueError(f"{name}/{split} at {root} holds no images")
+    if n_per_class is not None:
+        data = data.subset(per_class_subset(data.labels, n_per_class, seed))
+    return data
+
+
+def per_class_subset(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded random subset with ``n_per_class`` items of each class
+    (all of a class's items when it has fewer)."""
+    if n_per_class < 1:
+        raise ValueError(f"n_per_class must be at least 1, got {n_per_class}")
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        keep.append(rng.choice(members, size=min(n_per_class, len(members)), replace=False))
+    return np.sort(np.concatenate(keep))

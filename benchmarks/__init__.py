@@ -1,0 +1,1 @@
+"""Presets (benchmarks/presets/*.toml) and performance benchmarks."""

@@ -1,0 +1,1 @@
+"""Everything that runs on Ray: actor pools, schedulers, job submission, the CLI."""
