@@ -346,10 +346,10 @@ def load_imagenet(split: str, root, size: int = 224) -> FolderImageSet:
     if root is None:
         raise DatasetNotFoundError("ImageNet needs --data-root: a folder with train/ and val/ in ImageFolder layout.")
     root = Path(root)
-    classes, train_paths, _ = _list_image_folder(root / "train", None)
+    # Class order (and so labels) comes from train/; val ids follow all train ids.
+    classes, train_paths, train_labels = _list_image_folder(root / "train", None)
     if split == "train":
-        paths, labels, offset = train_paths, None, 0
-        _, paths, labels = _list_image_folder(root / "train", classes)
+        paths, labels, offset = train_paths, train_labels, 0
     else:
         _, paths, labels = _list_image_folder(root / "val", classes)
         offset = len(train_paths)
@@ -387,6 +387,7 @@ def load_dataset(name: str, split: str, root=None, n_per_class: int | None = Non
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = root or None  # presets write "" for "the default location"
     if name == "fashion-mnist":
         data = load_fashion_mnist(split, root)
     elif name == "cifar10":

@@ -10,6 +10,7 @@ import importlib
 import time
 
 from attribution.experiment import Experiment
+from cluster.storage import ExperimentStorage
 
 # (stage name, "module:function"); each function takes (exp, preset, address) and
 # returns a dict summary (what it wrote).
@@ -20,8 +21,12 @@ STAGES = [
 
 
 def run_preset(preset: dict, exp_dir: str, address: str | None = None, stages: list[str] | None = None) -> dict:
-    exp = Experiment(exp_dir).create()
+    """Run the preset's stages; ``exp_dir`` is a local path or a pyarrow.fs URI."""
+    storage = ExperimentStorage(exp_dir)
+    storage.pull()  # resume from what a previous run stored
+    exp = Experiment(storage.local).create()
     exp.record_stage("preset", preset=preset)
+    storage.push()
     summaries = {}
     selected = [s for s in STAGES if stages is None or s[0] in stages]
     for name, target in selected:
@@ -35,5 +40,6 @@ def run_preset(preset: dict, exp_dir: str, address: str | None = None, stages: l
         summary["seconds"] = round(time.perf_counter() - start, 1)
         exp.record_stage(f"timing.{name}", seconds=summary["seconds"])
         summaries[name] = summary
+        storage.push()
         print(f"=== stage {name} done in {summary['seconds']} s ===", flush=True)
     return summaries

@@ -14,13 +14,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_k
     starts clusters with token authentication; when ``~/.ray/auth_token`` exists and
     ``RAY_AUTH_MODE`` is unset, token mode is selected so clients can connect.
     """
+    # Ray reads RAY_AUTH_MODE when it is first imported: set it before.
+    if address is not None and "RAY_AUTH_MODE" not in os.environ:
+        if (Path.home() / ".ray" / "auth_token").exists():
+            os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     if ray.is_initialized():
         return ray
-    if address is not None and "RAY_AUTH_MODE" not in os.environ:
-        if (Path.home() / ".ray" / "auth_token").exists():
-            os.environ["RAY_AUTH_MODE"] = "token"
     init_kwargs.setdefault("include_dashboard", False)
     init_kwargs.setdefault("log_to_driver", True)
     init_kwargs.setdefault("configure_logging", False)
