@@ -17,6 +17,9 @@ from cluster.storage import ExperimentStorage
 STAGES = [
     ("pretrain", "attribution.pretrain:run_pretrain_stage"),
     ("embed", "cluster.embedding:run_embed_stage"),
+    ("rank", "cluster.ranking:run_rank_stage"),
+    ("support", "cluster.support:run_support_stage"),
+    ("report", "attribution.report:run_report_stage"),
 ]
 
 

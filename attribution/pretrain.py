@@ -1,0 +1,480 @@
+"""MoCo v2 self-supervised pretraining of a backbone (He et al. 2020; Chen et al. 2020).
+
+The recipe, as in the paper this project benchmarks (a MoCo v2 ResNet-18 trained on the
+training set itself), scaled to a CPU:
+
+- two augmented views of each image; the query encoder (backbone + 2-layer MLP head)
+  sees one, the key encoder (an exponential moving average of the query encoder, no
+  gradients) sees the other;
+- InfoNCE with temperature: the key of the same image is the positive, a FIFO queue of
+  keys from earlier batches supplies the negatives;
+- "shuffle BN" emulated on one device: keys are computed on a shuffled batch split into
+  ``shuffle_bn_splits`` chunks, so BatchNorm statistics cannot leak which query matches
+  which key (the shortcut multi-GPU MoCo blocks by shuffling across GPUs);
+- MoCo v2 augmentations adapted to 28 px grayscale, done batched on tensors (cheap on a
+  CPU): random resized crop (scale ``min_crop_scale``..1, aspect 3/4..4/3), horizontal
+  flip, brightness/contrast jitter with probability 0.8. Colour-jitter of saturation/hue
+  and random grayscale are meaningless for gray images and dropped; Gaussian blur is
+  dropped as for CIFAR-sized MoCo/SimCLR recipes (at 28 px it erases most detail).
+
+Defaults follow the MoCo CIFAR-10 demo for short schedules (momentum 0.99 rather than
+0.999 so the key encoder keeps up within a few hundred steps; temperature 0.1; SGD lr
+0.06, weight decay 5e-4, cosine schedule).
+
+Determinism: weights depend only on the settings and ``seed`` (for a given torch build
+and thread count) when the run length is set in steps (``max_steps`` / ``epochs``). A
+``time_budget_s`` is a safety cap: if it stops a run early, the number of steps depends
+on the machine's speed; the checkpoint records ``stopped_by`` and ``steps``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from attribution.backbones import (
+    BackboneSpec,
+    CheckpointError,
+    FeatureExtractor,
+    build_trunk,
+    checkpoint_metadata,
+    save_backbone_checkpoint,
+)
+from attribution.data import ImageSet, load_dataset
+
+CHECKPOINT_NAME = "moco.pt"
+
+
+class PretrainSettingsChanged(RuntimeError):
+    """EXP holds a checkpoint pretrained with other settings than the preset asks for."""
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def moco_augment(x: torch.Tensor, generator: torch.Generator, out_size: int, min_crop_scale: float = 0.25,
+                 flip_p: float = 0.5, jitter_p: float = 0.8, brightness: float = 0.4,
+                 contrast: float = 0.4) -> torch.Tensor:
+    """One random view of each image in ``x`` (float (n, C, H, W) in [0, 1]).
+
+    Crop + resize + flip are one affine resampling (``grid_sample``), so a whole batch
+    is augmented in a few tensor ops. Every random number is drawn for every image
+    whether used or not, so the stream (and the result) depends only on the generator.
+    """
+    n, channels = x.shape[:2]
+
+    def uniform(low=0.0, high=1.0):
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    area = uniform(min_crop_scale, 1.0)
+    ratio = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3)))
+    # keep the sampled area exact: limit the aspect ratio so that neither side exceeds the image
+    ratio = torch.minimum(torch.maximum(ratio, area), 1 / area)
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)  # fractions of the image side
+    cx, cy = (1 - w) * uniform(-1, 1), (1 - h) * uniform(-1, 1)  # crop centre, inside the image
+    flip = torch.where(uniform() < flip_p, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, [n, channels, out_size, out_size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    apply = uniform() < jitter_p
+    b = torch.where(apply, uniform(1 - brightness, 1 + brightness), torch.ones(n)).view(n, 1, 1, 1)
+    c = torch.where(apply, uniform(1 - contrast, 1 + contrast), torch.ones(n)).view(n, 1, 1, 1)
+    x = x * b
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * c + mean).clamp_(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class MocoNetwork(nn.Module):
+    """Backbone + MoCo v2 projection head (Linear-ReLU-Linear), L2-normalised output."""
+
+    def __init__(self, encoder: FeatureExtractor, hidden_dim: int, proj_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Linear(encoder.dim, hidden_dim), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden_dim, proj_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.encoder(x)), dim=1)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE: each query's positive is its own key (logit 0), the queue holds negatives."""
+    positive = (q * k).sum(dim=1, keepdim=True)
+    negative = q @ queue.T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- pretrainer
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' when the CPU has native bfloat16 (emulated bf16 would be slower)."""
+    if precision != "auto":
+        return precision
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
+
+
+class MocoPretrainer:
+    """MoCo v2 pretraining with explicit settings; ``fit(images)`` trains, ``save(path)`` writes.
+
+    Parameters
+    ----------
+    backbone_spec : the backbone to pretrain (its ``checkpoint`` must be None: training
+        starts from random initialisation). Default: ResNet-18, small stem, 1 channel.
+    batch_size : images per step (each seen as two views).
+    queue_size : negatives kept from earlier batches.
+    temperature : InfoNCE temperature.
+    momentum : key encoder EMA coefficient (0.99 suits short runs; MoCo used 0.999).
+    lr, weight_decay : SGD (momentum 0.9) peak learning rate and weight decay; the lr
+        warms up linearly for ``warmup_steps`` then follows a cosine to 0.
+    epochs, max_steps : run length; the smaller of the two when both are set. 0 / None:
+        unset. At least one of these or ``time_budget_s`` is required.
+    time_budget_s : stop after this many seconds of training (None: no cap). With no step
+        count set, the cosine schedule follows elapsed time instead of steps.
+    hidden_dim, proj_dim : projection head sizes (MoCo v2: 2048 -> 128 for ResNet-50).
+    min_crop_scale : smallest crop area fraction of the random resized crop.
+    shuffle_bn_splits : chunks the shuffled key batch is split into (1: no shuffle BN).
+    precision : "bf16" runs the encoders under bfloat16 autocast (the loss stays float32),
+        about 2.5x faster on CPUs with native bf16 (AVX512-BF16/AMX), like mixed precision on
+        GPUs; "fp32" disables it; "auto" picks bf16 where the CPU supports it natively.
+    seed : seeds initialisation, sampling order and augmentations.
+    num_threads : torch threads during fit (None: leave torch's setting).
+    progress : show a tqdm bar of steps.
+    """
+
+    def __init__(self, backbone_spec: BackboneSpec | None = None, *, batch_size: int = 128,
+                 queue_size: int = 4096, temperature: float = 0.1, momentum: float = 0.99,
+                 lr: float = 0.06, weight_decay: float = 5e-4, epochs: int = 0, max_steps: int | None = None,
+                 time_budget_s: float | None = None, hidden_dim: int = 512, proj_dim: int = 128,
+                 min_crop_scale: float = 0.25, shuffle_bn_splits: int = 2, warmup_steps: int = 10,
+                 precision: str = "auto", seed: int = 0, num_threads: int | None = None,
+                 progress: bool = True):
+        self.backbone_spec = backbone_spec or BackboneSpec("resnet18", small_stem=True, in_channels=1)
+        self.batch_size, self.queue_size = batch_size, queue_size
+        self.temperature, self.momentum = temperature, momentum
+        self.lr, self.weight_decay = lr, weight_decay
+        self.epochs, self.max_steps, self.time_budget_s = epochs, max_steps, time_budget_s
+        self.hidden_dim, self.proj_dim = hidden_dim, proj_dim
+        self.min_crop_scale, self.shuffle_bn_splits = min_crop_scale, shuffle_bn_splits
+        self.warmup_steps, self.precision, self.seed = warmup_steps, precision, seed
+        self.num_threads, self.progress = num_threads, progress
+        self._validate()
+
+    def _validate(self) -> None:
+        def check(ok, name, rule):
+            if not ok:
+                raise ValueError(f"MocoPretrainer: {name} must be {rule}, got {getattr(self, name)!r}")
+
+        check(isinstance(self.backbone_spec, BackboneSpec), "backbone_spec", "a BackboneSpec")
+        check(self.backbone_spec.checkpoint is None, "backbone_spec",
+              "a spec without checkpoint (pretraining starts from random weights)")
+        check(self.backbone_spec.name != "efficientnet_lite0", "backbone_spec", "a ResNet spec")
+        check(isinstance(self.batch_size, int) and self.batch_size >= 2, "batch_size", "an int >= 2")
+        check(isinstance(self.queue_size, int) and self.queue_size >= 1, "queue_size", "an int >= 1")
+        check(0 < self.temperature <= 10, "temperature", "in (0, 10]")
+        check(0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        check(self.lr > 0, "lr", "> 0")
+        check(self.weight_decay >= 0, "weight_decay", ">= 0")
+        check(isinstance(self.epochs, int) and self.epochs >= 0, "epochs", "an int >= 0")
+        check(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1),
+              "max_steps", "None or an int >= 1")
+        check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s", "None or > 0")
+        if not (self.epochs or self.max_steps or self.time_budget_s):
+            raise ValueError("MocoPretrainer: set at least one of epochs, max_steps or time_budget_s")
+        check(0 < self.min_crop_scale <= 1, "min_crop_scale", "in (0, 1]")
+        check(isinstance(self.shuffle_bn_splits, int) and 1 <= self.shuffle_bn_splits <= self.batch_size // 2,
+              "shuffle_bn_splits", "an int in [1, batch_size // 2] (BatchNorm needs 2+ images per chunk)")
+        check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps", "an int >= 0")
+        check(self.precision in ("auto", "bf16", "fp32"), "precision", "'auto', 'bf16' or 'fp32'")
+        check(self.num_threads is None or (isinstance(self.num_threads, int) and self.num_threads >= 1),
+              "num_threads", "None or an int >= 1")
+
+    def get_params(self) -> dict[str, Any]:
+        """The settings that determine the result (not threads or the progress bar)."""
+        return {"backbone_spec": self.backbone_spec.to_dict(), "batch_size": self.batch_size,
+                "queue_size": self.queue_size, "temperature": self.temperature, "momentum": self.momentum,
+                "lr": self.lr, "weight_decay": self.weight_decay, "epochs": self.epochs,
+                "max_steps": self.max_steps, "time_budget_s": self.time_budget_s,
+                "hidden_dim": self.hidden_dim, "proj_dim": self.proj_dim,
+                "min_crop_scale": self.min_crop_scale, "shuffle_bn_splits": self.shuffle_bn_splits,
+                "warmup_steps": self.warmup_steps, "precision": self.precision, "seed": self.seed}
+
+    # -- training
+
+    def _views(self, pixels: np.ndarray, mean, std, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.backbone_spec
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[1] == 1 and spec.in_channels == 3:
+            x = x.repeat(1, 3, 1, 1)
+        elif x.shape[1] == 3 and spec.in_channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        if spec.normalize == "imagenet":
+            mean, std = FeatureExtractor.IMAGENET_MEAN, FeatureExtractor.IMAGENET_STD
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        if mean_t.shape[1] != x.shape[1]:  # gray statistics for a 3-channel model: same value per channel
+            mean_t, std_t = mean_t.mean().expand(1, x.shape[1], 1, 1), std_t.mean().expand(1, x.shape[1], 1, 1)
+        size = spec.image_size or x.shape[-1]
+        views = [moco_augment(x, generator, size, self.min_crop_scale) for _ in range(2)]
+        return tuple((v - mean_t) / std_t for v in views)
+
+    def _lr_at(self, progress: float) -> float:
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def fit(self, images: ImageSet) -> "MocoPretrainer":
+        """Pretrain on ``images`` (labels unused). Sets ``encoder_`` (eval mode), ``steps_``,
+        ``seconds_``, ``loss_history_``, ``stopped_by_``."""
+        from tqdm.auto import tqdm
+
+        n = len(images)
+        if n < self.batch_size:
+            raise ValueError(f"MocoPretrainer: batch_size ({self.batch_size}) exceeds the {n} training images")
+        previous_threads = torch.get_num_threads()
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        try:
+            torch.manual_seed(self.seed)  # initial weights of backbone, head and queue
+            trunk, dim = build_trunk(self.backbone_spec)
+            query = MocoNetwork(FeatureExtractor(trunk, dim, self.backbone_spec), self.hidden_dim, self.proj_dim)
+            key = copy.deepcopy(query)
+            for p in key.parameters():
+                p.requires_grad_(False)
+            queue = F.normalize(torch.randn(self.queue_size, self.proj_dim), dim=1)
+            queue_ptr = 0
+            optimizer = torch.optim.SGD(query.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+            rng = np.random.default_rng(self.seed)  # epoch orders
+            generator = torch.Generator().manual_seed(self.seed + 1)  # augmentations, key shuffles
+
+            steps_per_epoch = n // self.batch_size  # the last partial batch is dropped
+            planned = [s for s in (self.max_steps, self.epochs * steps_per_epoch if self.epochs else None) if s]
+            total_steps = min(planned) if planned else None
+            self.precision_ = resolve_precision(self.precision)
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision_ == "bf16")
+            query.train()
+            key.train()
+            losses: list[float] = []
+            bar = tqdm(total=total_steps, desc="MoCo pretraining", unit="step", disable=not self.progress,
+                       mininterval=2.0)
+            start = time.perf_counter()
+            step, order = 0, np.empty(0, np.int64)
+            stopped_by = "max_steps" if total_steps and total_steps == self.max_steps else "epochs"
+            while True:
+                elapsed = time.perf_counter() - start
+                if total_steps is not None and step >= total_steps:
+                    break
+                if self.time_budget_s is not None and elapsed >= self.time_budget_s:
+                    stopped_by = "time_budget"
+                    break
+                if step % steps_per_epoch == 0:
+                    order = rng.permutation(n)
+                offset = (step % steps_per_epoch) * self.batch_size
+                batch = np.sort(order[offset:offset + self.batch_size])  # sorted: faster memmap reads
+                v1, v2 = self._views(images.images(batch), images.mean, images.std, generator)
+
+                progress = step / total_steps if total_steps else elapsed / self.time_budget_s
+                lr = self._lr_at(progress)
+                if step < self.warmup_steps:
+                    lr *= (step + 1) / self.warmup_steps
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                with autocast:
+                    q = query(v1)
+                with torch.no_grad(), autocast:
+                    for pk, pq in zip(key.parameters(), query.parameters()):
+                        pk.mul_(self.momentum).add_(pq.detach(), alpha=1 - self.momentum)
+                    perm = torch.randperm(len(v2), generator=generator)
+                    k = torch.cat([key(chunk) for chunk in v2[perm].chunk(self.shuffle_bn_splits)])
+                    k = k[torch.argsort(perm)]
+                # the loss in float32: bf16 logits divided by a small temperature lose too much
+                q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+                loss = info_nce(q, k, queue, self.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():  # enqueue the newest keys over the oldest
+                    slots = (queue_ptr + torch.arange(len(k))) % self.queue_size
+                    queue[slots] = k[-self.queue_size:] if len(k) > self.queue_size else k
+                    queue_ptr = int((queue_ptr + len(k)) % self.queue_size)
+                losses.append(float(loss.detach()))
+                step += 1
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", lr=f"{lr:.3g}")
+            bar.close()
+        finally:
+            torch.set_num_threads(previous_threads)
+        if step == 0:
+            raise RuntimeError(f"MocoPretrainer: time_budget_s={self.time_budget_s} ended before the first step")
+        self.encoder_ = query.encoder.eval()
+        self.steps_, self.seconds_ = step, round(time.perf_counter() - start, 2)
+        self.loss_history_, self.stopped_by_ = losses, stopped_by
+        self.train_images_ = n
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        self._check_fitted()
+        tail = self.loss_history_[-20:]
+        return {"steps": self.steps_, "seconds": self.seconds_, "stopped_by": self.stopped_by_,
+                "precision": self.precision_,
+                "train_images": self.train_images_, "first_loss": round(self.loss_history_[0], 4),
+                "final_loss": round(float(np.mean(tail)), 4)}
+
+    def save(self, path: str | os.PathLike, **extra: Any) -> Path:
+        """Write the pretrained backbone (project checkpoint format), atomically."""
+        self._check_fitted()
+        return save_backbone_checkpoint(self.encoder_, path,
+                                        pretrain={"method": "moco_v2", "params": self.get_params(),
+                                                  **self.summary(), **extra.pop("pretrain", {})},
+                                        **extra)
+
+    def _check_fitted(self):
+        if not hasattr(self, "encoder_"):
+            raise RuntimeError("MocoPretrainer is not fitted: call fit(images) first")
+
+
+# ----------------------------------------------------------------------------- pipeline stage
+
+
+def pretrain_settings(preset: dict, in_channels: int) -> dict[str, Any]:
+    """Resolved settings of the pretrain stage (the hash of this dict names a checkpoint)."""
+    pre, data = dict(preset.get("pretrain", {})), preset.get("data", {})
+    seed = int(pre.get("seed", preset.get("seed", 0)))
+    known = {"backbone", "small_stem", "images", "epochs", "max_steps", "time_budget_s", "batch_size",
+             "queue_size", "temperature", "momentum", "lr", "weight_decay", "hidden_dim", "proj_dim",
+             "min_crop_scale", "shuffle_bn_splits", "warmup_steps", "precision", "seed", "threads"}
+    unknown = sorted(set(pre) - known)
+    if unknown:
+        raise ValueError(f"unknown [pretrain] settings {unknown}; known: {sorted(known)}")
+    images = pre.get("images", "full")
+    if images not in ("full", "subset"):
+        raise ValueError(f"[pretrain] images must be 'full' or 'subset', got {images!r}")
+    return {
+        "backbone": {"name": pre.get("backbone", "resnet18"), "small_stem": bool(pre.get("small_stem", True)),
+                     "in_channels": in_channels},
+        "data": {"dataset": data.get("dataset", "fashion-mnist"), "root": data.get("root", "") or "",
+                 "images": images,
+                 "train_per_class": data.get("train_per_class") if images == "subset" else None,
+                 "seed": int(data.get("seed", preset.get("seed", 0))) if images == "subset" else None},
+        "batch_size": int(pre.get("batch_size", 128)), "queue_size": int(pre.get("queue_size", 4096)),
+        "temperature": float(pre.get("temperature", 0.1)), "momentum": float(pre.get("momentum", 0.99)),
+        "lr": float(pre.get("lr", 0.06)), "weight_decay": float(pre.get("weight_decay", 5e-4)),
+        "epochs": int(pre.get("epochs", 0)), "max_steps": pre.get("max_steps") or None,
+        "time_budget_s": pre.get("time_budget_s") or None,
+        "hidden_dim": int(pre.get("hidden_dim", 512)), "proj_dim": int(pre.get("proj_dim", 128)),
+        "min_crop_scale": float(pre.get("min_crop_scale", 0.25)),
+        "shuffle_bn_splits": int(pre.get("shuffle_bn_splits", 2)), "warmup_steps": int(pre.get("warmup_steps", 10)),
+        "precision": pre.get("precision", "auto"),
+        "seed": seed,
+    }
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def run_pretrain_stage(exp, preset: dict, address: str | None = None, force: bool = False) -> dict:
+    """Pretrain the preset's backbone into ``EXP/checkpoints/moco.pt``, or reuse it.
+
+    Reuse: the checkpoint stores the hash of the resolved settings; a run with the same
+    settings reuses the file (nothing is trained). A checkpoint made with different
+    settings is never silently replaced, because embeddings and rankings already in EXP
+    were computed from it: this raises :class:`PretrainSettingsChanged` listing the
+    differences, unless ``force`` (``attribution pretrain --force``), which moves the old
+    file aside to ``moco-<old hash>.pt`` and retrains. ``address`` is unused (pretraining
+    runs in this process).
+
+    Data: by default (``images = "full"``) the whole training split, labels unused, as the
+    paper pretrains on the full training set; it also keeps the queue free of repeats of
+    the query image (5,000 subset images would recur within a 4,096-key queue). Test
+    images are never used. ``images = "subset"`` pretrains on the attribution subset only.
+    """
+    data_cfg = preset.get("data", {})
+    name, root = data_cfg.get("dataset", "fashion-mnist"), data_cfg.get("root", "") or None
+    pre = preset.get("pretrain", {})
+    if pre.get("images", "full") == "subset":
+        images = load_dataset(name, "train", root=root, n_per_class=data_cfg.get("train_per_class"),
+                              seed=int(data_cfg.get("seed", preset.get("seed", 0))))
+    else:
+        images = load_dataset(name, "train", root=root)
+    settings = pretrain_settings(preset, in_channels=images.image_shape[-1])
+    digest = settings_hash(settings)
+    path = Path(exp.checkpoints) / CHECKPOINT_NAME
+
+    if path.exists():
+        try:
+            stored = checkpoint_metadata(path).get("pretrain", {})
+        except CheckpointError as error:  # e.g. truncated by a disk problem: our own artifact, remake it
+            warnings.warn(f"{path} is unreadable ({error}); pretraining again")
+            stored = None
+        if stored is not None and stored.get("config_hash") == digest:
+            print(f"pretrain: reusing {path} (same settings, hash {digest})", flush=True)
+            summary = {"checkpoint": str(path), "config_hash": digest, "reused": True,
+                       **{k: stored.get(k) for k in ("steps", "seconds", "stopped_by", "final_loss")}}
+            exp.record_stage("pretrain", **summary)
+            return summary
+        if stored is not None:
+            old = stored.get("config_hash", "unknown")
+            if not force:
+                diff = _differences(stored.get("settings", {}), settings)
+                raise PretrainSettingsChanged(
+                    f"{path} was pretrained with other settings (hash {old}, now {digest}): "
+                    f"{'; '.join(diff[:10]) or 'settings not recorded'}. Embeddings and rankings in this "
+                    "experiment may come from it. Use a new --exp directory, restore the old settings, or "
+                    "rerun with 'attribution pretrain --exp EXP --force' (the old file is kept as "
+                    f"moco-{old}.pt)."
+                )
+            os.replace(path, path.with_name(f"moco-{old}.pt"))
+
+    spec = BackboneSpec(settings["backbone"]["name"], small_stem=settings["backbone"]["small_stem"],
+                        in_channels=settings["backbone"]["in_channels"])
+    pretrainer = MocoPretrainer(
+        spec, batch_size=settings["batch_size"], queue_size=settings["queue_size"],
+        temperature=settings["temperature"], momentum=settings["momentum"], lr=settings["lr"],
+        weight_decay=settings["weight_decay"], epochs=settings["epochs"], max_steps=settings["max_steps"],
+        time_budget_s=settings["time_budget_s"], hidden_dim=settings["hidden_dim"],
+        proj_dim=settings["proj_dim"], min_crop_scale=settings["min_crop_scale"],
+        shuffle_bn_splits=settings["shuffle_bn_splits"], warmup_steps=settings["warmup_steps"],
+        precision=settings["precision"], seed=settings["seed"], num_threads=pre.get("threads"), progress=True)
+    print(f"pretrain: MoCo v2 {spec.name} on {len(images)} {name} train images "
+          f"({settings['data']['images']}), settings hash {digest}", flush=True)
+    pretrainer.fit(images)
+    pretrainer.save(path, pretrain={"config_hash": digest, "settings": settings})
+    summary = {"checkpoint": str(path), "config_hash": digest, "reused": False, **pretrainer.summary()}
+    exp.record_stage("pretrain", spec=replace(spec, checkpoint=str(path)).to_dict(), **summary)
+    return summary

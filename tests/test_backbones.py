@@ -1,0 +1,275 @@
+"""Backbones and checkpoint loading: every supported format written here and read back,
+bad files rejected with messages that name the problem, real ImageNet weights on real images."""
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from attribution.backbones import (
+    BackboneSpec,
+    CheckpointKeysError,
+    CorruptCheckpointError,
+    UnknownCheckpointFormatError,
+    detect_format,
+    load_backbone,
+    read_checkpoint,
+    save_backbone_checkpoint,
+    spec_from_checkpoint,
+)
+
+torch.set_num_threads(1)  # one thread: robust on a shared machine (two spin-wait under load)
+
+
+def source_resnet(name="resnet18", small_stem=False, in_channels=3, seed=0):
+    """A torchvision ResNet with random (seeded) weights and non-trivial BN statistics."""
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, name)(weights=None)
+    if small_stem:
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    with torch.no_grad():  # BN running stats away from (0, 1) so a missed buffer would show
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@torch.no_grad()
+def pooled(net, x):
+    """Features of a torchvision ResNet before its fc layer."""
+    trunk = nn.Sequential(*list(net.children())[:-1])
+    return torch.flatten(trunk(x), 1)
+
+
+@torch.no_grad()
+def features(model, x):
+    return model(x)
+
+
+def inputs(channels=3, size=64, n=4):
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def trunk_state(net):
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_moco_v1v2_checkpoint(tmp_path):
+    net = source_resnet()
+    state = {f"module.encoder_q.{k}": v for k, v in trunk_state(net).items()}
+    # MoCo v2's MLP head, the key encoder and the queue must all be dropped
+    state.update({"module.encoder_q.fc.0.weight": torch.randn(512, 512), "module.encoder_q.fc.0.bias": torch.randn(512),
+                  "module.encoder_q.fc.2.weight": torch.randn(128, 512), "module.encoder_q.fc.2.bias": torch.randn(128),
+                  "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7),
+                  "module.queue": torch.randn(128, 65536), "module.queue_ptr": torch.zeros(1, dtype=torch.long)})
+    path = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
+    torch.save({"epoch": 800, "arch": "resnet18", "state_dict": state, "optimizer": {"state": {}}}, path)
+    assert detect_format(read_checkpoint(path)) == "moco_v1v2"
+    model = load_backbone(BackboneSpec("resnet18", checkpoint=str(path)))
+    x = inputs()
+    assert model.dim == 512
+    torch.testing.assert_close(features(model, x), pooled(net, x), rtol=0, atol=0)
+
+
+def test_moco_v3_checkpoint(tmp_path):
+    net = source_resnet("resnet50", seed=3)
+    state = {f"module.base_encoder.{k}": v for k, v in trunk_state(net).items()}
+    state.update({"module.base_encoder.fc.0.weight": torch.randn(16, 2048),
+                  "module.base_encoder.fc.1.running_mean": torch.randn(16),
+                  "module.momentum_encoder.conv1.weight": torch.randn(64, 3, 7, 7),
+                  "module.predictor.0.weight": torch.randn(16, 16)})
+    path = tmp_path / "r-50-100ep.pth.tar"
+    torch.save({"epoch": 100, "arch": "resnet50", "state_dict": state, "scaler": {"scale": 1.0}}, path)
+    assert detect_format(read_checkpoint(path)) == "moco_v3"
+    assert spec_from_checkpoint(path).name == "resnet50"
+    model = load_backbone(BackboneSpec("resnet50", checkpoint=str(path)))
+    x = inputs(size=32, n=2)
+    assert model.dim == 2048
+    torch.testing.assert_close(features(model, x), pooled(net, x), rtol=0, atol=0)
+
+
+def test_torchvision_state_dict_and_gray_adaptation(tmp_path):
+    net = source_resnet(seed=4)
+    path = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), path)  # includes fc.weight / fc.bias: dropped
+    x = inputs()
+    rgb = load_backbone(BackboneSpec("resnet18", checkpoint=str(path)))
+    torch.testing.assert_close(features(rgb, x), pooled(net, x), rtol=0, atol=0)
+
+    # A 1-channel model from RGB weights: the RGB filters are summed, which equals feeding
+    # the gray image repeated into three channels to the original network.
+    gray = load_backbone(BackboneSpec("resnet18", in_channels=1, checkpoint=str(path)))
+    g = x[:, :1]
+    torch.testing.assert_close(features(gray, g), pooled(net, g.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", ["", "backbone."])
+def test_lightly_sequential_state_dict(tmp_path, prefix):
+    net = source_resnet(small_stem=True, in_channels=1, seed=5)
+    backbone = nn.Sequential(*list(net.children())[:-1])  # lightly's way of dropping fc
+    state = {prefix + k: v for k, v in backbone.state_dict().items()}
+    assert "0.weight" in backbone.state_dict() and "4.0.conv1.weight" in backbone.state_dict()
+    if prefix:  # a lightly MoCo model's state dict: heads and momentum copies are dropped
+        state.update({"projection_head.layers.0.weight": torch.randn(8, 512),
+                      "backbone_momentum.0.weight": torch.randn(64, 1, 3, 3)})
+    path = tmp_path / "lightly.ckpt"
+    torch.save({"state_dict": state}, path)
+    assert detect_format(read_checkpoint(path)) == "lightly"
+    spec = spec_from_checkpoint(path)
+    assert (spec.name, spec.small_stem, spec.in_channels) == ("resnet18", True, 1)
+    model = load_backbone(spec)
+    x = inputs(channels=1, size=28)
+    torch.testing.assert_close(features(model, x), pooled(net, x), rtol=0, atol=0)
+
+
+def test_project_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    spec = BackboneSpec("resnet18", small_stem=True, in_channels=1)
+    model = load_backbone(spec)
+    path = save_backbone_checkpoint(model, tmp_path / "ckpt" / "moco.pt", pretrain={"steps": 3})
+    assert not list(path.parent.glob(".*.tmp"))  # the temporary file was renamed away
+    rebuilt = spec_from_checkpoint(path)
+    assert rebuilt == BackboneSpec("resnet18", small_stem=True, in_channels=1, checkpoint=str(path))
+    x = inputs(channels=1, size=28)
+    torch.testing.assert_close(features(load_backbone(rebuilt), x), features(model, x), rtol=0, atol=0)
+    # A caller's spec that disagrees with the file is overridden by the file, with a warning.
+    with pytest.warns(UserWarning, match="in_channels=3"):
+        loaded = load_backbone(BackboneSpec("resnet18", checkpoint=str(path)))
+    assert loaded.spec.in_channels == 1 and loaded.spec.small_stem
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_backbone(BackboneSpec("resnet18", checkpoint=str(tmp_path / "nope.pt")))
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "half.pt"
+    torch.save(source_resnet().state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptCheckpointError, match=r"half\.pt.*truncated or corrupt.*again"):
+        load_backbone(BackboneSpec("resnet18", checkpoint=str(path)))
+    path.write_bytes(b"")
+    with pytest.raises(CorruptCheckpointError, match="half.pt"):
+        read_checkpoint(path)
+
+
+def test_wrong_keys_are_listed(tmp_path):
+    state = trunk_state(source_resnet())
+    del state["layer4.1.bn2.weight"]
+    state["layer9.extra.weight"] = torch.zeros(3)
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointKeysError) as info:
+        load_backbone(BackboneSpec("resnet18", checkpoint=str(path)))
+    message = str(info.value)
+    assert "1 missing keys: ['layer4.1.bn2.weight']" in message
+    assert "1 unexpected keys: ['layer9.extra.weight']" in message
+    assert "bad.pt" in message
+
+
+def test_many_missing_keys_are_counted(tmp_path):
+    path = tmp_path / "r18.pt"
+    torch.save(source_resnet().state_dict(), path)
+    with pytest.raises(CheckpointKeysError, match=r"missing keys: .*\(\+\d+ more\)"):
+        load_backbone(BackboneSpec("resnet50", checkpoint=str(path)))
+
+
+def test_stem_and_channel_mismatch_name_the_fix(tmp_path):
+    path = tmp_path / "small.pt"
+    torch.save(trunk_state(source_resnet(small_stem=True, in_channels=1)), path)
+    with pytest.raises(CheckpointKeysError, match="in_channels=1"):
+        load_backbone(BackboneSpec("resnet18", small_stem=True, in_channels=3, checkpoint=str(path)))
+    with pytest.raises(CheckpointKeysError, match="small_stem=True"):
+        load_backbone(BackboneSpec("resnet18", small_stem=False, in_channels=1, checkpoint=str(path)))
+
+
+def test_unknown_format_lists_formats(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": {"encoder.w": torch.zeros(2)}, "step": 3}, path)
+    with pytest.raises(UnknownCheckpointFormatError, match=r"moco_v1v2.*moco_v3.*torchvision.*lightly"):
+        load_backbone(BackboneSpec("resnet18", checkpoint=str(path)))
+
+
+def test_spec_validation_names_argument():
+    with pytest.raises(ValueError, match="BackboneSpec.name"):
+        BackboneSpec("vgg16")
+    with pytest.raises(ValueError, match="BackboneSpec.in_channels"):
+        BackboneSpec("resnet18", in_channels=2)
+    with pytest.raises(ValueError, match="BackboneSpec.normalize"):
+        BackboneSpec("resnet18", normalize="cifar")
+    assert BackboneSpec("resnet18").normalize == "dataset"
+
+
+def test_random_resnet_contract():
+    model = load_backbone(BackboneSpec("resnet18", small_stem=True, in_channels=1))
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28, 1), dtype=np.uint8)
+    x = model.preprocess(images, (0.286,), (0.353,))
+    assert x.shape == (3, 1, 28, 28)
+    assert features(model, x).shape == (3, 512)
+
+
+# ----------------------------------------------------------------------------- real weights
+
+
+def foolbox_imagenet():
+    """The 20 real ImageNet validation images foolbox ships (file name ends in the label),
+    resized (shorter side 256) and centre-cropped to 224 as for ImageNet evaluation."""
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        pytest.skip("foolbox (test extra) is not installed")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    files = sorted(folder.glob("imagenet_*"))
+    assert len(files) == 20, f"expected 20 imagenet_* images in {folder}"
+    images = []
+    for path in files:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            scale = 256 / min(w, h)
+            image = image.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+            w, h = image.size
+            left, top = (w - 224) // 2, (h - 224) // 2
+            images.append(np.asarray(image.crop((left, top, left + 224, top + 224))))
+    return np.stack(images), np.array([int(p.stem.split("_")[-1]) for p in files])
+
+
+def test_efficientnet_lite0_classifies_real_images():
+    images, labels = foolbox_imagenet()
+    model = load_backbone(BackboneSpec("efficientnet_lite0"))
+    assert model.dim == 1280 and model.spec.image_size == 224 and model.spec.normalize == "imagenet"
+    with torch.no_grad():
+        x = model.preprocess(images, (0.5,) * 3, (0.5,) * 3)  # dataset stats ignored: imagenet normalisation
+        feats = model(x)
+        logits = model.trunk.classifier(feats)
+    assert feats.shape == (20, 1280)
+    top5 = logits.topk(5, dim=1).indices.numpy()
+    top1_hits = int((top5[:, 0] == labels).sum())
+    top5_hits = int((top5 == labels[:, None]).any(axis=1).sum())
+    # Measured: 16/20 top-1 and 19/20 top-5 (chance: 0.02 and 0.1 images). Random weights get 0.
+    assert top1_hits >= 14, f"top-1 {top1_hits}/20"
+    assert top5_hits >= 17, f"top-5 {top5_hits}/20"
+
+
+def test_efficientnet_gray_input():
+    """Fashion-MNIST-like 1-channel uint8 images go through the same preprocessing."""
+    model = load_backbone(BackboneSpec("efficientnet_lite0"))
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 28, 28, 1), dtype=np.uint8)
+    x = model.preprocess(images, (0.286,), (0.353,))
+    assert x.shape == (2, 3, 224, 224)
+    assert features(model, x).shape == (2, 1280)

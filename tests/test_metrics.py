@@ -1,0 +1,280 @@
+"""Metrics on small hand-computed cases: support curves and AUC, win rates, Jaccard,
+LDS on a planted linear model, bootstrap intervals, the cost table."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import spearmanr
+
+from attribution import metrics as M
+
+
+def support_frame(rows):
+    return pd.DataFrame(rows, columns=["target_id", "method", "mode", "support"])
+
+
+# ----------------------------------------------------------------------------- curves and AUC
+
+
+def test_support_curve_counts_found_supports_up_to_k():
+    curve = M.support_curve([2, 5, -1], [0, 1, 2, 4, 5, 10])
+    np.testing.assert_allclose(curve, [0, 0, 1 / 3, 1 / 3, 2 / 3, 2 / 3])
+
+
+def test_support_curves_long_table_per_method_and_mode():
+    df = support_frame([(1, "l2", "removal", 3), (2, "l2", "removal", -1), (1, "esvm", "removal", 1),
+                        (1, "esvm", "mislabel", 0)])
+    out = M.support_curves(df, [0, 2, 4])
+    esvm = out[(out.method == "esvm") & (out["mode"] == "removal")]["fraction"].tolist()
+    l2 = out[(out.method == "l2")]["fraction"].tolist()
+    assert esvm == [0.0, 1.0, 1.0] and l2 == [0.0, 0.0, 0.5]
+    assert out[out["mode"] == "mislabel"]["fraction"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_support_auc_closed_form_matches_numeric_area():
+    supports, limit = [2, 5, -1], 10
+    # (1 - 2/10) + (1 - 5/10) + 0, over 3 targets
+    assert M.support_auc(supports, limit) == pytest.approx((0.8 + 0.5 + 0.0) / 3)
+    ks = np.linspace(0, limit, 200_001)
+    numeric = np.trapezoid(M.support_curve(supports, ks), ks) / limit
+    assert M.support_auc(supports, limit) == pytest.approx(numeric, abs=1e-4)
+
+
+def test_support_auc_extremes_and_errors():
+    assert M.support_auc([0, 0], 8) == 1.0
+    assert M.support_auc([-1, -1], 8) == 0.0
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        M.support_auc([3, 20], 10)
+    with pytest.raises(ValueError, match=">= 0 or -1"):
+        M.support_auc([-2], 10)
+    with pytest.raises(ValueError, match="positive"):
+        M.support_auc([1], 0)
+
+
+def test_support_summary_per_method_and_mode():
+    df = support_frame([(1, "esvm", "removal", 2), (2, "esvm", "removal", 5), (3, "esvm", "removal", -1),
+                        (1, "l2", "removal", 10), (2, "l2", "removal", -1), (3, "l2", "removal", -1),
+                        (1, "esvm", "mislabel", 1)])
+    summary = M.support_summary(df, 10, n_boot=200, seed=1)
+    row = summary[(summary.method == "esvm") & (summary["mode"] == "removal")].iloc[0]
+    assert (row.n_targets, row.n_found, row.median_support) == (3, 2, 3.5)
+    assert row.auc == pytest.approx(1.3 / 3)
+    assert row.auc_low <= row.auc <= row.auc_high
+    l2 = summary[(summary.method == "l2")].iloc[0]
+    assert l2.auc == 0.0 and l2.found_rate == pytest.approx(1 / 3)
+    assert list(summary.method) == ["esvm", "esvm", "l2"]  # display order, removal first
+
+
+def test_support_limit_lookup_order():
+    assert M.support_limit({"support": {"limit": 64}, "rank": {"top_k": 500}}) == (64, "manifest support.limit")
+    assert M.support_limit({"rank": {"top_k": 500}})[0] == 500
+    assert M.support_limit({"support": {"settings": {"top_k": 1280}}})[0] == 1280
+    df = support_frame([(1, "esvm", "removal", 7), (2, "esvm", "removal", -1)])
+    limit, source = M.support_limit({}, df)
+    assert limit == 7 and "largest found" in source
+    # the support stage's own per-search limits win over every manifest entry
+    assert M.support_limit({"support": {"limit": 64}}, df.assign(limit=[100, 90]))[0] == 100
+
+
+# ----------------------------------------------------------------------------- win rates
+
+
+def test_pairwise_outcomes_not_found_is_infinite():
+    out = M.pairwise_outcomes([2, 5, -1, -1, 4], [3, 5, -1, 7, -1])
+    np.testing.assert_array_equal(out, [1, 0, 0, -1, 1])
+
+
+def test_win_rates_hand_computed():
+    df = support_frame([(1, "esvm", "removal", 2), (2, "esvm", "removal", 5), (3, "esvm", "removal", -1),
+                        (4, "esvm", "removal", 9),
+                        (1, "l2", "removal", 3), (2, "l2", "removal", 5), (3, "l2", "removal", -1),
+                        (5, "l2", "removal", 1)])  # targets 4 and 5 are not common: left out
+    wins = M.win_rates(df, n_boot=300, seed=0)
+    assert len(wins) == 1
+    row = wins.iloc[0]
+    assert (row.method_a, row.method_b, row.n_targets) == ("esvm", "l2", 3)
+    assert (row.wins, row.ties, row.losses) == (1, 2, 0)
+    assert row.win_rate == pytest.approx(1 / 3) and row.tie_rate == pytest.approx(2 / 3) and row.loss_rate == 0
+    assert 0 <= row.win_low <= row.win_rate <= row.win_high <= 1
+
+
+# ----------------------------------------------------------------------------- overlap
+
+
+def rankings_frame(lists):
+    rows = [(t, m, r, tid, float(-r)) for (m, t), ids in lists.items() for r, tid in enumerate(ids)]
+    return pd.DataFrame(rows, columns=["target_id", "method", "rank", "train_id", "score"])
+
+
+def test_jaccard_definitions():
+    assert M.jaccard([1, 2, 3], [2, 3, 4]) == pytest.approx(2 / 4)
+    assert M.jaccard([], []) == 1.0
+    assert M.jaccard([1], [2]) == 0.0
+
+
+def test_topk_jaccard_mean_over_common_targets():
+    # rank order is deliberately shuffled in the frame: ranked_lists must sort by rank
+    df = rankings_frame({("esvm", 1): [10, 11, 12, 13], ("l2", 1): [11, 10, 14, 15],
+                         ("esvm", 2): [20, 21, 22, 23], ("l2", 2): [24, 25, 26, 20],
+                         ("esvm", 3): [30, 31]}).sample(frac=1, random_state=0)
+    out = M.topk_jaccard(df, 2, n_boot=100)
+    row = out.iloc[0]
+    # target 1: {10,11} vs {11,10} -> 1; target 2: {20,21} vs {24,25} -> 0; target 3 not common
+    assert (row.n_targets, row["mean"]) == (2, 0.5)
+    row4 = M.topk_jaccard(df, 4, n_boot=100).iloc[0]
+    # target 1: {10..13} vs {10,11,14,15} -> 2/6; target 2: {20..23} vs {24,25,26,20} -> 1/7
+    assert row4["mean"] == pytest.approx((2 / 6 + 1 / 7) / 2)
+
+
+def test_support_set_jaccard_uses_each_methods_own_support():
+    ranks = rankings_frame({("esvm", 1): [10, 11, 12, 13], ("l2", 1): [11, 10, 14, 15],
+                            ("esvm", 2): [20, 21, 22, 23], ("l2", 2): [24, 25, 26, 20]})
+    sup = support_frame([(1, "esvm", "removal", 1), (1, "l2", "removal", 3),
+                         (2, "esvm", "removal", -1), (2, "l2", "removal", 2)])
+    out = M.support_set_jaccard(ranks, sup, n_boot=50)
+    # only target 1 has both found: {10} vs {11,10,14} -> 1/3
+    assert len(out) == 1 and out.iloc[0].n_targets == 1
+    assert out.iloc[0]["mean"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------- LDS
+
+
+def planted(n_models=300, n_train=200, n_targets=6, noise=0.1, seed=0):
+    rng = np.random.default_rng(seed)
+    true_scores = rng.normal(size=(n_targets, n_train))
+    masks = rng.random((n_models, n_train)) < 0.5
+    margins = masks @ true_scores.T + noise * rng.normal(size=(n_models, n_targets))
+    return masks, margins, true_scores, rng
+
+
+def test_lds_planted_linear_model_true_scores_near_one_shuffled_near_zero():
+    masks, margins, true_scores, rng = planted()
+    good = M.lds(masks, margins, true_scores, n_boot=200)
+    assert good.mean > 0.97 and good.n_valid == 6
+    shuffled = np.stack([rng.permutation(row) for row in true_scores])
+    bad = M.lds(masks, margins, shuffled, n_boot=200)
+    assert abs(bad.mean) < 0.15
+    assert bad.low <= bad.mean <= bad.high
+
+
+def test_lds_per_target_equals_scipy_spearman_and_constant_target_is_nan():
+    masks, margins, true_scores, rng = planted(n_models=40, noise=5.0, seed=3)
+    scores = true_scores + rng.normal(size=true_scores.shape)
+    margins[:, 2] = 1.0  # constant margin: correlation undefined
+    result = M.lds(masks, margins, scores, n_boot=50)
+    predicted = masks @ scores.T
+    for t in (0, 1, 3):
+        assert result.per_target[t] == pytest.approx(spearmanr(predicted[:, t], margins[:, t])[0])
+    assert np.isnan(result.per_target[2]) and result.n_valid == 5
+    assert result.mean == pytest.approx(np.nanmean(result.per_target))
+
+
+def test_lds_shape_errors_name_the_shapes():
+    masks, margins, scores, _ = planted(n_models=10, n_train=5, n_targets=2)
+    with pytest.raises(ValueError, match="n_targets=2, n_train=5"):
+        M.lds(masks, margins, scores.T)
+    with pytest.raises(ValueError, match="models"):
+        M.lds(masks[:5], margins, scores)
+
+
+def test_scores_matrix_fills_unlisted_with_min_and_rejects_foreign_ids():
+    ranks = pd.DataFrame({"target_id": [7, 7, 8], "method": ["esvm"] * 3, "rank": [0, 1, 0],
+                          "train_id": [3, 1, 2], "score": [-0.5, -2.0, 4.0]})
+    out = M.scores_matrix(ranks, "esvm", [7, 8, 9], [1, 2, 3, 4])
+    np.testing.assert_allclose(out, [[-2.0, -2.0, -0.5, -2.0], [4.0, 4.0, 4.0, 4.0], [0, 0, 0, 0]])
+    out0 = M.scores_matrix(ranks, "esvm", [7], [1, 2, 3], fill=0.0)
+    np.testing.assert_allclose(out0, [[-2.0, 0.0, -0.5]])
+    with pytest.raises(ValueError, match="do not cover"):
+        M.scores_matrix(ranks, "esvm", [7], [1, 2])
+
+
+def test_load_lds_data_and_lds_table_from_long_parquet(tmp_path):
+    masks, margins, true_scores, _ = planted(n_models=60, n_train=30, n_targets=3, noise=0.01, seed=5)
+    train_ids, target_ids = np.arange(100, 130), np.array([900, 901, 902])
+    model, item = np.nonzero(masks)
+    (tmp_path / "lds").mkdir()
+    pd.DataFrame({"model_id": model, "train_id": train_ids[item]}).to_parquet(tmp_path / "lds" / "masks.parquet")
+    mm, tt = np.meshgrid(np.arange(60), np.arange(3), indexing="ij")
+    pd.DataFrame({"model_id": mm.ravel(), "target_id": target_ids[tt.ravel()],
+                  "margin": margins.ravel()}).to_parquet(tmp_path / "lds" / "margins.parquet")
+    data = M.load_lds_data(tmp_path)
+    assert data.source == "lds" and data.masks.shape == (60, 30)
+    np.testing.assert_array_equal(data.masks, masks)
+    # full (untruncated) rankings of the true scores: LDS ~ 1
+    rows = [(target_ids[t], "trak", r, train_ids[i], true_scores[t, i])
+            for t in range(3) for r, i in enumerate(np.argsort(-true_scores[t]))]
+    ranks = pd.DataFrame(rows, columns=["target_id", "method", "rank", "train_id", "score"])
+    table = M.lds_table(ranks, data, n_boot=50)
+    assert table.iloc[0].method == "trak" and table.iloc[0].lds > 0.97
+    assert M.load_lds_data(tmp_path / "nothing") is None
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_contains_estimate_narrows_and_is_seeded():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(25), rng.random(400)
+    lo_s, hi_s = M.bootstrap_ci(small, n_boot=2000, seed=1)
+    lo_l, hi_l = M.bootstrap_ci(large, n_boot=2000, seed=1)
+    assert lo_s <= small.mean() <= hi_s and lo_l <= large.mean() <= hi_l
+    assert (hi_l - lo_l) < 0.5 * (hi_s - lo_s)  # ~ 1/sqrt(n): 4x narrower expected
+    assert M.bootstrap_ci(small, n_boot=500, seed=7) == M.bootstrap_ci(small, n_boot=500, seed=7)
+    assert M.bootstrap_ci([0.3], n_boot=10) == (0.3, 0.3)
+    assert all(np.isnan(M.bootstrap_ci([], n_boot=10)))
+    with pytest.raises(ValueError):
+        M.bootstrap_ci(small, n_boot=0)
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+def test_cost_table_sums_stages_and_reports_missing_not_zero(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "moco.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "train-00000.parquet").write_bytes(b"x" * 300)
+    (tmp_path / "embeddings" / ".train-00001.parquet.123.tmp").write_bytes(b"x" * 5000)  # temp: ignored
+    (tmp_path / "rankings").mkdir()
+    (tmp_path / "rankings" / "esvm-class000.parquet").write_bytes(b"x" * 20)
+    manifest = {"pretrain": {"seconds": 240.0, "reused": True}, "timing.pretrain": {"seconds": 0.5},
+                "timing.embed": {"seconds": 30.0}, "rank": {"compute_seconds": 12.0}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    costs = M.cost_table(tmp_path, ["trak", "esvm", "l2"]).set_index("method")
+    esvm = costs.loc["esvm"]
+    # reused pretrain: its original 240 s, not the 0.5 s reuse; rank from compute_seconds
+    assert esvm.seconds == pytest.approx(282.0) and bool(esvm.complete)
+    assert esvm.storage_bytes == 1320
+    l2 = costs.loc["l2"]
+    assert not l2.complete and "rankings/l2-*.parquet" in l2.missing_paths
+    trak = costs.loc["trak"]
+    assert trak.seconds is None or np.isnan(trak.seconds)
+    assert trak.missing_stages == "trak" and not trak.complete
+    assert trak.storage_bytes is None or np.isnan(trak.storage_bytes)
+
+
+def test_cost_specs_from_manifest_override_defaults(tmp_path):
+    manifest = {"cost_specs": {"trak": {"stages": ["trak.featurize", "trak.score"], "paths": ["trak"]}},
+                "timing.trak.featurize": {"seconds": 5.0}}
+    row = M.cost_table(tmp_path, ["trak"], manifest=manifest).iloc[0]
+    assert row.seconds == 5.0 and row.missing_stages == "trak.score" and row.missing_paths == "trak"
+
+
+def test_stage_seconds_never_counts_a_reuse_as_the_cost():
+    # rank reused every file: its 0.0 s is the reuse, not the cost -> missing, with the reason
+    manifest = {"rank": {"compute_seconds": 0.0, "computed_files": [], "reused_files": ["a", "b"]},
+                "embed": {"seconds": 0.4, "computed_shards": {"train": 0, "test": 0}},
+                "timing.support": {"seconds": 9.0},
+                "prep": {"compute_seconds": 3.0, "computed_files": ["a"], "reused_files": ["b"]}}
+    assert M.stage_seconds(manifest, "rank") == (None, "reused stored artifacts; their original compute time "
+                                                       "is not recorded")
+    assert M.stage_seconds(manifest, "embed")[0] is None
+    assert M.stage_seconds(manifest, "support") == (9.0, "timing.support")
+    value, source = M.stage_seconds(manifest, "prep")
+    assert value == 3.0 and "partly reused" in source
+    assert M.stage_seconds(manifest, "absent") == (None, "not recorded")
+    row = M.cost_table("/nonexistent", ["random"], manifest=manifest).iloc[0]
+    assert row.missing_stages.startswith("rank (reused stored artifacts") and not row.complete

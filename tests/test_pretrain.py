@@ -1,0 +1,160 @@
+"""MoCo v2 pretraining on real Fashion-MNIST: tiny runs that write, reload, reuse and repeat."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attribution.backbones import BackboneSpec, checkpoint_metadata, load_backbone, spec_from_checkpoint
+from attribution.data import load_dataset
+from attribution.experiment import Experiment
+from attribution.knn import knn_accuracy, knn_predict
+from attribution.pretrain import (
+    MocoPretrainer,
+    PretrainSettingsChanged,
+    info_nce,
+    moco_augment,
+    run_pretrain_stage,
+)
+
+torch.set_num_threads(1)  # one thread: robust on a shared machine (two spin-wait under load)
+# The standard 7x7/2 stem + max-pool on 28 px leaves 7x7 maps: ~15x cheaper than the small
+# stem, and the mechanics under test (EMA, queue, loss, checkpoint) are the same.
+FAST_SPEC = BackboneSpec("resnet18", small_stem=False, in_channels=1)
+TINY = dict(backbone_spec=FAST_SPEC, batch_size=8, queue_size=32, max_steps=3, hidden_dim=32, proj_dim=16, warmup_steps=1,
+            progress=False, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_dataset("fashion-mnist", "train", n_per_class=4, seed=0)  # 40 real images
+
+
+def trunk_weights(pretrainer):
+    return {k: v.clone() for k, v in pretrainer.encoder_.trunk.state_dict().items()}
+
+
+def test_augment_is_seeded_and_in_range(images):
+    x = torch.from_numpy(images.images(np.arange(8))).permute(0, 3, 1, 2).float() / 255
+    a = moco_augment(x, torch.Generator().manual_seed(0), 28)
+    b = moco_augment(x, torch.Generator().manual_seed(0), 28)
+    c = moco_augment(x, torch.Generator().manual_seed(1), 28)
+    assert a.shape == (8, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # full-image crop, no flip, no jitter: the identity
+    same = moco_augment(x, torch.Generator().manual_seed(0), 28, min_crop_scale=1.0, flip_p=0.0, jitter_p=0.0)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+
+
+def test_info_nce_prefers_matching_keys():
+    q = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    assert info_nce(q, q, queue, 0.1) < info_nce(q, q.roll(1, 0), queue, 0.1)
+
+
+def test_tiny_pretraining_checkpoint_reloads(images, tmp_path):
+    pretrainer = MocoPretrainer(seed=0, **TINY).fit(images)
+    assert pretrainer.steps_ == 3 and pretrainer.stopped_by_ == "max_steps"
+    assert all(np.isfinite(pretrainer.loss_history_))
+    path = pretrainer.save(tmp_path / "moco.pt")
+    meta = checkpoint_metadata(path)
+    assert meta["pretrain"]["steps"] == 3 and meta["pretrain"]["params"]["batch_size"] == 8
+    spec = spec_from_checkpoint(path)
+    assert (spec.name, spec.small_stem, spec.in_channels) == ("resnet18", False, 1)
+    model = load_backbone(spec)
+    x = model.preprocess(images.images(np.arange(6)), images.mean, images.std)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pretrainer.encoder_(x), rtol=0, atol=0)
+
+
+def test_same_seed_same_weights(images):
+    first = trunk_weights(MocoPretrainer(seed=7, **TINY).fit(images))
+    second = trunk_weights(MocoPretrainer(seed=7, **TINY).fit(images))
+    other = trunk_weights(MocoPretrainer(seed=8, **TINY).fit(images))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["layer4.1.conv2.weight"], other["layer4.1.conv2.weight"])
+    # and training changed the weights at all
+    torch.manual_seed(7)
+    untrained = load_backbone(FAST_SPEC).trunk.state_dict()
+    assert not torch.equal(first["conv1.weight"], untrained["conv1.weight"])
+
+
+def test_validation_names_the_argument(images):
+    with pytest.raises(ValueError, match="batch_size"):
+        MocoPretrainer(batch_size=1, max_steps=1)
+    with pytest.raises(ValueError, match="temperature"):
+        MocoPretrainer(temperature=0, max_steps=1)
+    with pytest.raises(ValueError, match="epochs, max_steps or time_budget_s"):
+        MocoPretrainer()
+    with pytest.raises(ValueError, match="backbone_spec"):
+        MocoPretrainer(BackboneSpec("resnet18", checkpoint="x.pt"), max_steps=1)
+    with pytest.raises(ValueError, match="batch_size .64. exceeds the 40"):
+        MocoPretrainer(batch_size=64, max_steps=1, progress=False).fit(images)
+
+
+def tiny_preset(**pretrain):
+    settings = {"backbone": "resnet18", "small_stem": False, "images": "subset", "max_steps": 2,
+                "batch_size": 8, "queue_size": 16, "hidden_dim": 32, "proj_dim": 16, "seed": 0, "threads": 1}
+    settings.update(pretrain)
+    return {"name": "tiny", "seed": 0,
+            "data": {"dataset": "fashion-mnist", "root": "", "train_per_class": 2, "test_per_class": 1},
+            "pretrain": settings}
+
+
+def test_stage_writes_then_reuses(tmp_path, capsys):
+    exp = Experiment(tmp_path / "exp").create()
+    first = run_pretrain_stage(exp, tiny_preset(), None)
+    path = exp.checkpoints / "moco.pt"
+    assert path.exists() and first["reused"] is False and first["steps"] == 2
+    assert first["train_images"] == 20
+    stamp = path.stat().st_mtime_ns
+    manifest = json.loads(exp.manifest_path.read_text())
+    assert manifest["pretrain"]["config_hash"] == first["config_hash"]
+    assert manifest["pretrain"]["spec"]["in_channels"] == 1
+    assert spec_from_checkpoint(path).small_stem is False
+
+    second = run_pretrain_stage(exp, tiny_preset(), None)
+    assert second["reused"] is True and second["config_hash"] == first["config_hash"]
+    assert path.stat().st_mtime_ns == stamp  # not rewritten
+
+    # other settings: refused with the differences listed, unless forced
+    with pytest.raises(PretrainSettingsChanged, match=r"max_steps: 2 -> 3.*--force"):
+        run_pretrain_stage(exp, tiny_preset(max_steps=3), None)
+    third = run_pretrain_stage(exp, tiny_preset(max_steps=3), None, force=True)
+    assert third["reused"] is False and third["steps"] == 3
+    assert (exp.checkpoints / f"moco-{first['config_hash']}.pt").exists()
+
+    # the CLI reuses the forced checkpoint when given the same settings
+    from cluster.cli import main
+
+    preset_file = tmp_path / "tiny.toml"
+    preset_file.write_text(
+        'name = "tiny"\nseed = 0\n[data]\ndataset = "fashion-mnist"\nroot = ""\ntrain_per_class = 2\n'
+        'test_per_class = 1\n[pretrain]\nbackbone = "resnet18"\nsmall_stem = false\nimages = "subset"\n'
+        "max_steps = 3\nbatch_size = 8\nqueue_size = 16\nhidden_dim = 32\nproj_dim = 16\nseed = 0\n")
+    capsys.readouterr()
+    assert main(["pretrain", "--exp", str(exp.root), "--preset", str(preset_file), "--threads", "1"]) == 0
+    assert "reused=True" in capsys.readouterr().out
+    assert main(["pretrain", "--exp", str(exp.root), "--preset", str(preset_file),
+                 "--set", "pretrain.seed=1"]) == 1
+    assert "other settings" in capsys.readouterr().out
+
+
+def test_unknown_preset_key_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown .pretrain. settings .'bacth_size'."):
+        run_pretrain_stage(Experiment(tmp_path).create(), tiny_preset(bacth_size=8), None)
+
+
+def test_knn_on_separable_features():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 5
+    train_labels, test_labels = np.repeat(np.arange(3), 30), np.repeat(np.arange(3), 10)
+    train = centres[train_labels] + rng.normal(size=(90, 16))
+    test = centres[test_labels] + rng.normal(size=(30, 16))
+    assert knn_accuracy(train, train_labels, test, test_labels, k=5) == 1.0
+    # shuffled training labels: near chance
+    assert knn_accuracy(train, rng.permutation(train_labels), test, test_labels, k=5) < 0.7
+    assert knn_predict(train, train_labels, test[:4], k=1, weighting="uniform").tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="weighting"):
+        knn_predict(train, train_labels, test, weighting="cosine")

@@ -1,0 +1,125 @@
+"""Retraining: real Fashion-MNIST, the effective training set, determinism, flip class."""
+
+import numpy as np
+import pytest
+import torch
+
+from attribution import retrain
+from attribution.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.set_num_threads(1)
+    train = load_dataset("fashion-mnist", "train", n_per_class=40, seed=0)  # 400 real images
+    test = load_dataset("fashion-mnist", "test", n_per_class=20, seed=0)
+    config = retrain.make_config("mlp", epochs=3)
+    return retrain.Retrainer.from_imageset(config, train), train, test
+
+
+def test_removed_and_relabelled_ids_change_the_training_set(small):
+    trainer, train, _ = small
+    removed = train.ids[[0, 5, 17]]
+    relabel = train.ids[np.flatnonzero(train.labels == 3)[:7]]
+    subset = trainer.training_set(removed, relabel, relabel_to=6)
+    kept_ids = train.ids[subset.positions]
+    assert len(kept_ids) == len(train) - 3 and not set(removed) & set(kept_ids)
+    relabelled = np.isin(kept_ids, relabel)
+    assert relabelled.sum() == 7 and np.all(subset.labels[relabelled] == 6)
+    assert np.array_equal(subset.labels[~relabelled], train.labels[subset.positions][~relabelled])
+    with pytest.raises(KeyError, match="not in the training set"):
+        trainer.training_set([10**9])
+    with pytest.raises(ValueError, match="relabel_to"):
+        trainer.training_set((), relabel, relabel_to=None)
+
+
+def test_training_is_deterministic_per_seed_and_seeds_differ(small):
+    trainer, _, _ = small
+    a, b, c = trainer.train(seed=3), trainer.train(seed=3), trainer.train(seed=4)
+    sa, sb, sc = (m.state_dict() for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_relabelling_a_whole_class_flips_it(small):
+    """Really relabelled: with every 'Trouser' labelled 'Dress', trousers are predicted as dresses."""
+    trainer, train, test = small
+    trousers = train.ids[train.labels == 1]
+    model = trainer.train(relabel_ids=trousers, relabel_to=3, seed=0)
+    x = test.images(np.flatnonzero(test.labels == 1))
+    predictions = trainer.logits(model, x).argmax(1)
+    assert np.mean(predictions == 3) > 0.8
+    # removal of the class: it is never predicted any more
+    model = trainer.train(removed_ids=trousers, seed=0)
+    assert np.mean(trainer.logits(model, x).argmax(1) == 1) < 0.05
+    # the full-data model does learn it (the test is not vacuous)
+    model = trainer.train(seed=0)
+    assert np.mean(trainer.logits(model, x).argmax(1) == 1) > 0.8
+
+
+def test_evaluate_target_margin():
+    correct, margin = retrain.evaluate_target(np.array([0.1, 2.0, 1.5]), 1)
+    assert correct and margin == pytest.approx(0.5)
+    correct, margin = retrain.evaluate_target(np.array([3.0, 2.0, 1.5]), 1)
+    assert not correct and margin == pytest.approx(-1.0)
+
+
+def test_flip_class_is_second_or_first_when_second_is_label():
+    logits = np.array([[[5.0, 3.0, 1.0], [1.0, 5.0, 3.0], [2.0, 0.0, 9.0]]])  # one model, 3 targets
+    labels = np.array([0, 0, 2])
+    # target 0: correct, second = 1; target 1: wrong (first 1, second 2 -> 2, not the label);
+    # target 2: correct, second = 0
+    assert retrain.flip_classes(logits, labels).tolist() == [1, 2, 0]
+    labels = np.array([0, 2, 2])  # target 1: first 1, second 2 = label -> first
+    assert retrain.flip_classes(logits, labels).tolist() == [1, 1, 0]
+    # the ensemble ranks by mean probability over models
+    two = np.array([[[4.0, 3.0, 0.0]], [[4.0, 0.0, 3.5]]])
+    assert retrain.flip_classes(two, np.array([0])).tolist() == [2]
+
+
+def test_ensemble_status_and_real_ensemble(small):
+    result = retrain.EnsembleResult(np.array([10, 11, 12]), np.array([0, 0, 0]),
+                                    np.array([[[1.0, 0], [0, 1.0], [1.0, 0]],
+                                              [[1.0, 0], [0, 1.0], [0, 1.0]]]))
+    assert result.status.tolist() == ["searched", "misclassified", "unstable"]
+    trainer, _, test = small
+    real = retrain.full_data_ensemble(trainer, test.images(np.arange(60)), test.labels[:60], test.ids[:60], 3)
+    assert real.logits.shape == (3, 60, 10)
+    assert 0.6 < real.correct.mean() < 0.95  # a real model on real data
+    flips = real.flip_classes
+    assert np.all(flips[real.status == "searched"] != real.labels[real.status == "searched"])
+
+
+def test_recipes_and_models():
+    ref = retrain.RECIPES["cifar10-resnet9"]
+    assert (ref.lr, ref.epochs, ref.batch_size, ref.weight_decay, ref.label_smoothing, ref.warmup_epochs) == \
+        (0.5, 24, 512, 5e-4, 0.1, 5)
+    with pytest.raises(ValueError, match="unknown model"):
+        retrain.make_config("vgg")
+    with pytest.raises(ValueError, match="unknown recipe fields"):
+        retrain.make_config("mlp", epoch=3)
+    for name, shape in (("resnet9", (32, 32, 3)), ("mobilenetv2", (32, 32, 3)), ("cnn", (28, 28, 1)),
+                        ("mlp", (28, 28, 1))):
+        model = retrain.build_model(name, 10, shape).eval()
+        with torch.no_grad():
+            out = model(torch.zeros(2, shape[2], shape[0], shape[1]))
+        assert out.shape == (2, 10), name
+
+
+def test_resnet9_recipe_trains_on_rgb_with_augmentation():
+    """The reference recipe's code path (triangular lr, label smoothing, augmentation), tiny and on CPU."""
+    config = retrain.make_config("resnet9", epochs=1, batch_size=8, device="cpu", mixed_precision=False)
+    assert config.schedule == "triangular" and config.augment == "flip_translate_cutout"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(16, 32, 32, 3), dtype=np.uint8)
+    trainer = retrain.Retrainer(config, images, np.arange(16) % 10, np.arange(16) + 100, (0.5,) * 3, (0.25,) * 3)
+    model = trainer.train(removed_ids=[100, 101], seed=1)
+    assert trainer.logits(model, images[:3]).shape == (3, 10)
+    x = torch.randn(4, 3, 32, 32)
+    out = retrain._augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+
+
+def test_training_seed_is_stable():
+    assert retrain.training_seed(0, 1) == retrain.training_seed(0, 1) != retrain.training_seed(0, 2)
+    assert retrain.training_seed(1, 1) != retrain.training_seed(0, 1)
