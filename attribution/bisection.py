@@ -38,7 +38,7 @@ first proposal and are never proposed again).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NOT_FOUND = -1
 
@@ -274,7 +274,8 @@ class BisectionSearch:
 
 
 def run_search(search: BisectionSearch, outcome, parallel: int = 1, speculative: bool = False) -> BisectionSearch:
-    """Drive ``search`` to the end with ``outcome(k, seed) -> correct`` (tests, simulations).
+    """Drive ``search`` to the end with ``outcome(k, seed) -> correct`` or ``(correct, margin)``
+    (tests, simulations, replays of a trainings log).
 
     ``parallel`` trials are asked for per round, as a pool of that many workers would.
     """
@@ -285,5 +286,7 @@ def run_search(search: BisectionSearch, outcome, parallel: int = 1, speculative:
         if not batch:
             raise RuntimeError(f"search {search.key} proposed nothing but is not done")
         for trial in batch:
-            search.record(trial, bool(outcome(trial.k, trial.seed)))
+            result = outcome(trial.k, trial.seed)
+            correct, margin = result if isinstance(result, tuple) else (result, math.nan)
+            search.record(trial, bool(correct), float(margin))
     return search

@@ -75,6 +75,12 @@ class ImageSet:
         return len(self.ids)
 
     @property
+    def in_memory(self) -> bool:
+        """True when every image can be materialised as one array (small datasets);
+        False for sets decoded from files on read (ImageNet): consumers then read batches."""
+        return False
+
+    @property
     def num_classes(self) -> int:
         return len(self.classes)
 
@@ -127,6 +133,10 @@ class ArrayImageSet(ImageSet):
     def image_shape(self):
         return tuple(self._pixels.shape[1:])
 
+    @property
+    def in_memory(self) -> bool:
+        return True
+
     def images(self, positions):
         positions = np.asarray(positions, dtype=np.int64)
         return np.ascontiguousarray(self._pixels[positions])
@@ -145,6 +155,10 @@ class _Subset(ImageSet):
     @property
     def image_shape(self):
         return self._parent.image_shape
+
+    @property
+    def in_memory(self) -> bool:
+        return self._parent.in_memory
 
     def images(self, positions):
         return self._parent.images(self._positions[np.asarray(positions, dtype=np.int64)])

@@ -80,6 +80,14 @@ class Experiment:
         return entry
 
 
+def settings_differences(stored: dict, current: dict) -> str:
+    """``key: old -> new`` for every key whose value differs (for "changed settings" errors)."""
+    keys = sorted(set(stored) | set(current))
+    diffs = [f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys
+             if stored.get(k) != current.get(k)]
+    return "; ".join(diffs) or "(no difference in the compared keys)"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

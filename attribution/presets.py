@@ -12,12 +12,49 @@ import benchmarks
 PRESET_DIR = Path(benchmarks.__file__).parent / "presets"
 
 
+ABLATIONS_FILE = PRESET_DIR / "ablations.toml"
+
+
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if p != ABLATIONS_FILE)
 
 
-def load_preset(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load a preset by name (``quickstart``) or path; ``overrides`` maps ``section.key`` to values."""
+def load_ablations() -> dict[str, dict[str, Any]]:
+    """The ablations any preset can take (benchmarks/presets/ablations.toml): name ->
+    {description, set: {section.key: value}, drop: [stage, ...]}."""
+    with open(ABLATIONS_FILE, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def apply_ablation(preset: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy of ``preset`` with ablation ``name`` applied (its ``drop`` stages removed,
+    its ``set`` values written); ``preset["ablation"]`` records the name."""
+    ablations = load_ablations()
+    if name not in ablations:
+        raise ValueError(f"unknown ablation {name!r}; choose one of {sorted(ablations)} "
+                         f"(defined in {ABLATIONS_FILE})")
+    ablation = ablations[name]
+    out = {key: (dict(value) if isinstance(value, dict) else value) for key, value in preset.items()}
+    for stage in ablation.get("drop", []):
+        out.pop(stage, None)
+    for dotted, value in ablation.get("set", {}).items():
+        _set(out, dotted, value)
+    out["ablation"] = name
+    return out
+
+
+def _set(preset: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, key = dotted.rpartition(".")
+    target = preset
+    for part in filter(None, section.split(".")):
+        target = target.setdefault(part, {})
+    target[key] = value
+
+
+def load_preset(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                ablation: str | None = None) -> dict[str, Any]:
+    """Load a preset by name (``quickstart``) or path; ``ablation`` names an entry of
+    ablations.toml (applied first); ``overrides`` maps ``section.key`` to values."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.toml"
@@ -28,12 +65,10 @@ def load_preset(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
     with open(path, "rb") as handle:
         preset = tomllib.load(handle)
     preset.setdefault("name", path.stem)
+    if ablation:
+        preset = apply_ablation(preset, ablation)
     for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.rpartition(".")
-        target = preset
-        for part in filter(None, section.split(".")):
-            target = target.setdefault(part, {})
-        target[key] = value
+        _set(preset, dotted, value)
     return preset
 
 

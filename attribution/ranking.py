@@ -40,6 +40,8 @@ import pyarrow as pa
 from attribution.candidates import CandidateIndex
 
 METHODS = ("esvm", "l2", "cosine", "random")
+# Rankings written by the baseline stages (attribution/baselines), same schema and files.
+BASELINE_METHODS = ("trak", "datamodels")
 SHORT_POLICIES = ("keep", "error")
 RANKING_SCHEMA = pa.schema([
     pa.field("target_id", pa.int64()),
@@ -51,9 +53,12 @@ RANKING_SCHEMA = pa.schema([
 REFERENCE_TOP_K = 1280
 
 
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown ranking method {method!r}; choose from {list(METHODS)}")
+def check_method(method: str, baselines: bool = True) -> str:
+    """``method`` if known: the rank stage's METHODS, and with ``baselines`` the
+    methods whose rankings the baseline stages write."""
+    known = METHODS + BASELINE_METHODS if baselines else METHODS
+    if method not in known:
+        raise ValueError(f"unknown ranking method {method!r}; choose from {list(known)}")
     return method
 
 
@@ -110,7 +115,7 @@ def rank_targets(method: str, index: CandidateIndex, target_ids, target_labels, 
     seed : global seed for "random" (combined with each target id).
     on_short : "keep" or "error" when a target has fewer than top_k candidates.
     """
-    check_method(method)
+    check_method(method, baselines=False)  # rank_targets computes only these
     if on_short not in SHORT_POLICIES:
         raise ValueError(f"on_short must be one of {list(SHORT_POLICIES)}, got {on_short!r}")
     if int(top_k) < 1:
@@ -215,3 +220,21 @@ def load_rankings(exp, method: str | None = None) -> pa.Table:
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{error} (the rank stage: 'attribution rank --exp EXP')") from None
     return sort_rankings(table.select(RANKING_SCHEMA.names).cast(RANKING_SCHEMA))
+
+
+def ranked_targets(exp, stage: str) -> np.ndarray:
+    """The targets the rank stage ranked (every target id in EXP/rankings of the rank
+    methods): the baseline stages (``stage`` names the caller) attribute exactly these."""
+    import pyarrow.compute as pc
+
+    from attribution.experiment import read_dataset
+
+    try:
+        table = read_dataset(exp.rankings, columns=["target_id"], filters=pc.field("method").isin(list(METHODS)))
+    except FileNotFoundError:
+        table = None
+    if table is None or table.num_rows == 0:
+        raise ValueError(f"no rankings of the rank methods {list(METHODS)} in {exp.rankings}: the {stage} stage "
+                         "attributes the targets the rank stage chose; run the rank stage first "
+                         "('attribution rank --exp EXP')")
+    return np.unique(table.column("target_id").to_numpy()).astype(np.int64)

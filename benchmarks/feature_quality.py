@@ -18,7 +18,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from attribution.backbones import BackboneSpec, load_backbone, spec_from_checkpoint

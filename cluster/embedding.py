@@ -28,7 +28,8 @@ shard's Arrow table and the driver writes the file; on one node they write it
 themselves. The checkpoint file is shipped once through the object store in that case
 and checked by sha256. The dataset itself must be readable on every node (e.g. the
 Debian package installed, or data.root on a shared filesystem): actors read pixels
-from it directly.
+from it directly. A shard whose actor or node is lost goes back to the queue and the
+actor is replaced (cluster.workers.ActorSlots); the summary counts them as ``requeued``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any, Sequence
 from attribution import embedding as emb
 from attribution.data import DatasetSpec
 from attribution.experiment import Experiment
+from cluster.workers import ActorSlots, worker_name
 
 # One shard per actor at a time: the driver's round trip between shards is milliseconds
 # against seconds per shard, and queueing a second shard on a busy actor would leave
@@ -75,6 +77,10 @@ class Embedder:
         self.folder, self.batch_size, self.dtype = folder, int(batch_size), dtype
         self.model = emb.build_model(backbone_spec, seed, device)
         self._sets: dict[DatasetSpec, Any] = {}
+        self.name = worker_name()
+
+    def ready(self) -> str:
+        return self.name
 
     def image_set(self, dataset_spec: DatasetSpec):
         if dataset_spec not in self._sets:  # a memory map or a file list: cheap to keep
@@ -91,8 +97,10 @@ class Embedder:
         return emb.shard_table(shard.split, image_set.ids[shard.start:shard.stop],
                                image_set.labels[shard.start:shard.stop], features, self.dtype)
 
-    # Ray exposes named methods to handles (``handle.embed.remote``), not ``__call__``.
-    embed = __call__
+    def embed(self, dataset_spec: DatasetSpec, shard: emb.Shard, write: bool = True):
+        """``__call__`` for Ray handles (they expose named methods only), returning
+        ``(result, worker name)``: the stage records which worker embedded each shard."""
+        return self(dataset_spec, shard, write), self.name
 
 
 def _local_copy(data: bytes, sha256: str) -> Path:
@@ -111,13 +119,15 @@ def _local_copy(data: bytes, sha256: str) -> Path:
 
 def actor_options(cluster_resources: dict, actors: int | None, threads: int = 1) -> tuple[int, dict]:
     """(number of actors, ray options per actor) for the cluster's resources."""
+    from cluster.resources import embed_actor_options
+
     gpus = int(cluster_resources.get("GPU", 0))
     if gpus > 0:
         count = actors or gpus
-        return count, {"num_gpus": 1, "num_cpus": 1}
+        return count, embed_actor_options(gpu=True)
     cpus = int(cluster_resources.get("CPU", 1))
     count = actors or max(1, cpus // max(1, threads))
-    return count, {"num_cpus": threads}
+    return count, embed_actor_options(gpu=False, threads=threads)
 
 
 def embed_on_ray(folder: str | os.PathLike, dataset_specs: Sequence[DatasetSpec], backbone_spec, *,
@@ -133,7 +143,8 @@ def embed_on_ray(folder: str | os.PathLike, dataset_specs: Sequence[DatasetSpec]
     ``stop_after_shards`` stops after that many shards finished (a simulated crash for
     tests: the splits stay incomplete and a rerun resumes). ``write_in_actors`` (None:
     when Ray has a single node) lets actors write shard files; otherwise they return
-    tables and the driver writes.
+    tables and the driver writes. ``workers`` maps each worker (``host:pid@node``) to the
+    shards it embedded; ``requeued`` counts shards put back after a lost actor or node.
     """
     import ray
 
@@ -159,25 +170,27 @@ def embed_on_ray(folder: str | os.PathLike, dataset_specs: Sequence[DatasetSpec]
     n_actors, options = actor_options(ray.cluster_resources(), actors, threads_per_actor)
     n_actors = max(1, min(n_actors, len(work)))
     stopped = False
+    workers: dict[str, int] = {}
+    requeued = 0
     if write_in_actors is None:
         write_in_actors = sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
     if work:
-        # Actors restart once after a crash and retry their shard: a shard is idempotent
-        # (same rows, atomic file), so a retry cannot duplicate anything.
-        remote_cls = ray.remote(max_restarts=1, max_task_retries=1, **options)(Embedder)
+        # A lost actor (its process or its node) is replaced by the driver and its shard
+        # requeued, not restarted by Ray (see cluster.workers); a shard is idempotent (same
+        # rows, atomic file), so a retry cannot duplicate anything.
+        remote_cls = ray.remote(max_restarts=0, max_task_retries=0, **options)(Embedder)
         ckpt = None
         if sha is not None and not write_in_actors:
             ckpt = ray.put(Path(backbone_spec.checkpoint).read_bytes())
-        pool = [remote_cls.remote(backbone_spec, seed, str(folder), batch_size, dtype, sha, threads_per_actor,
-                                  None, ckpt)
-                for _ in range(n_actors)]
+        pool = ActorSlots(lambda: remote_cls.remote(backbone_spec, seed, str(folder), batch_size, dtype, sha,
+                                                    threads_per_actor, None, ckpt), n_actors)
         bar = _progress(total_rows, total_rows - pending_rows, progress)
         try:
-            stopped = _run_pool(pool, work, summary, bar, stop_after_shards, folder, write_in_actors)
+            stopped, requeued = _run_pool(pool, work, summary, bar, stop_after_shards, folder, write_in_actors,
+                                          workers)
         finally:
             bar.close()
-            for actor in pool:  # free the CPUs/GPUs for the next stage
-                ray.kill(actor)
+            pool.kill()  # free the CPUs/GPUs for the next stage
     for spec in dataset_specs:
         entry = summary[spec.split]
         entry["complete"] = False
@@ -187,35 +200,58 @@ def embed_on_ray(folder: str | os.PathLike, dataset_specs: Sequence[DatasetSpec]
     seconds = time.perf_counter() - start_time
     computed_rows = sum(shard.rows for _, shard in work) if not stopped else None
     return {"splits": summary, "dim": dim, "dtype": dtype, "path": str(folder), "actors": n_actors if work else 0,
-            "seconds": round(seconds, 2),
+            "workers": workers, "requeued": requeued, "seconds": round(seconds, 2),
             "images_per_s": round(computed_rows / seconds, 1) if computed_rows else None}
 
 
-def _run_pool(pool, work, summary, bar, stop_after_shards, folder, write_in_actors) -> bool:
+def _run_pool(pool: ActorSlots, work, summary, bar, stop_after_shards, folder, write_in_actors,
+              workers: dict, max_losses: int = 3) -> tuple[bool, int]:
     """Streaming submit loop: at most IN_FLIGHT_PER_ACTOR shards per actor at a time.
 
-    Returns True when stopped early by ``stop_after_shards``."""
+    A shard whose actor or node was lost goes back to the front of the queue (at most
+    ``max_losses`` times) and the actor is replaced. Returns (stopped early by
+    ``stop_after_shards``, shards requeued)."""
     import ray
 
     queue = deque(work)
     in_flight: dict[Any, tuple[int, DatasetSpec, emb.Shard]] = {}
     load = [0] * len(pool)
-    done = 0
+    losses: dict[str, int] = {}
+    done = requeued = 0
     while queue or in_flight:
+        pool.poll()  # replacement actors that are up take work again
         while queue and (stop_after_shards is None or done + len(in_flight) < stop_after_shards):
-            actor = min(range(len(pool)), key=load.__getitem__)
-            if load[actor] >= IN_FLIGHT_PER_ACTOR:
+            free = [i for i in pool.usable() if load[i] < IN_FLIGHT_PER_ACTOR]
+            if not free:
                 break
+            actor = min(free, key=load.__getitem__)
             spec, shard = queue.popleft()
             in_flight[pool[actor].embed.remote(spec, shard, write_in_actors)] = (actor, spec, shard)
             load[actor] += 1
         if not in_flight:
+            if queue and pool.starting:  # every actor is (re)starting: wait for one
+                pool.poll(timeout=None)
+                continue
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        ready, _ = ray.wait(list(in_flight) + pool.starting_refs(), num_returns=1)
         for ref in ready:
+            if ref not in in_flight:
+                continue  # a replacement actor answered: pool.poll() puts it in service
             actor, spec, shard = in_flight.pop(ref)
             load[actor] -= 1
-            result = ray.get(ref)  # re-raises a worker's error with its traceback
+            try:
+                result, worker = ray.get(ref)  # re-raises a worker's error with its traceback
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as error:
+                losses[shard.file] = losses.get(shard.file, 0) + 1
+                if losses[shard.file] > max_losses:
+                    raise emb.EmbeddingError(
+                        f"shard {shard.file} lost its worker {losses[shard.file]} times (last: "
+                        f"{str(error).splitlines()[0]}); finished shards are saved: check the nodes' memory and "
+                        "health ('ray status') and rerun the same command to resume") from error
+                pool.lost(actor, error)
+                queue.appendleft((spec, shard))
+                requeued += 1
+                continue
             if write_in_actors:
                 rows = result
             else:
@@ -226,11 +262,12 @@ def _run_pool(pool, work, summary, bar, stop_after_shards, folder, write_in_acto
             if rows != shard.rows:
                 raise emb.EmbeddingError(f"shard {shard.file} wrote {rows} rows, planned {shard.rows}")
             summary[spec.split]["computed"] += 1
+            workers[worker] = workers.get(worker, 0) + 1
             done += 1
             bar.update(rows)
         if stop_after_shards is not None and done >= stop_after_shards:
-            return bool(queue or in_flight)
-    return False
+            return bool(queue or in_flight), requeued
+    return False, requeued
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -320,6 +357,7 @@ def run_embed_stage(exp: Experiment, preset: dict, address: str | None = None, *
                      checkpoint_sha256=manifest["checkpoint_sha256"], dim=result["dim"], dtype=result["dtype"],
                      rows={k: v["rows"] for k, v in result["splits"].items()},
                      computed_shards={k: v["computed"] for k, v in result["splits"].items()},
+                     shards_per_worker=result["workers"], requeued_shards=result["requeued"],
                      settings=options, seconds=result["seconds"])
     return {"rows": sum(v["rows"] for v in result["splits"].values()), "dim": result["dim"],
             "computed_shards": sum(v["computed"] for v in result["splits"].values()),

@@ -18,6 +18,9 @@ STAGES = [
     ("pretrain", "attribution.pretrain:run_pretrain_stage"),
     ("embed", "cluster.embedding:run_embed_stage"),
     ("rank", "cluster.ranking:run_rank_stage"),
+    # baselines write EXP/rankings/{trak,datamodels}-*.parquet before support reads every method
+    ("trak", "cluster.trak:run_trak_stage"),
+    ("datamodels", "cluster.datamodels:run_datamodels_stage"),
     ("support", "cluster.support:run_support_stage"),
     ("report", "attribution.report:run_report_stage"),
 ]

@@ -201,6 +201,9 @@ class RankWorker:
         self.train, self.test, self.settings, self.device = train, test, settings, device
         self._indexes: dict = {}
         self._solver = None
+        from cluster.workers import worker_name
+
+        self.name = worker_name()  # host:pid@node, recorded per target in the stage manifest
 
     def _index(self, metric: str):
         from attribution.candidates import CandidateIndex
@@ -226,7 +229,7 @@ class RankWorker:
             solver=self._get_solver() if method == "esvm" else None,
             max_candidates=s["max_candidates"] or None, same_class=s["same_class"], seed=s["seed"],
             on_short=s["on_short"])
-        return method, label, chunk, table
+        return method, label, chunk, table, self.name
 
 
 def _resources(settings: dict, n_items: int):
@@ -236,7 +239,10 @@ def _resources(settings: dict, n_items: int):
     resources = ray.cluster_resources()
     cpus = max(1, int(resources.get("CPU", 1)))
     gpus = float(resources.get("GPU", 0))
-    actors = settings["workers"] or cpus
+    # With GPUs: one actor per GPU by default. Counting every CPU of the cluster would
+    # give actors GPU shares that CPU-only nodes of a mixed cluster can never host (they
+    # would wait for placement forever).
+    actors = settings["workers"] or (max(1, int(gpus)) if gpus > 0 else cpus)
     actors = max(1, min(actors, n_items))
     # GPUs, when the cluster has them, are shared evenly by the actors (at most one each)
     num_gpus = min(1.0, gpus / actors) if gpus > 0 else 0
@@ -298,9 +304,9 @@ def run_rank_stage(exp: Experiment, preset: dict, address: str | None = None) ->
             work += [(method, label, i, chunk) for i, chunk in enumerate(chunks)]
 
     start = time.perf_counter()
-    computed = []
+    computed, workers = [], {}
     if work:
-        computed = _run_work(exp, address, settings, train, test, work, pending)
+        computed = _run_work(exp, address, settings, train, test, work, pending, workers)
     seconds = round(time.perf_counter() - start, 1)
 
     rows = {}
@@ -325,13 +331,15 @@ def run_rank_stage(exp: Experiment, preset: dict, address: str | None = None) ->
         skipped_targets={str(k): v for k, v in skipped.items()},
         rows=rows, files=sorted(p.name for p in folder.glob("*.parquet")),
         computed_files=computed, reused_files=reused, last_run_compute_seconds=seconds,
+        targets_per_worker=workers,  # (target, method) rankings per worker (host:pid@node), this run
     )
     return summary
 
 
-def _run_work(exp, address, settings, train, test, work, pending) -> list[str]:
+def _run_work(exp, address, settings, train, test, work, pending, workers: dict | None = None) -> list[str]:
     """Run (method, label, chunk, positions) items on an actor pool; write files as
-    each (method, class) completes. Returns the names of the files written."""
+    each (method, class) completes. Returns the names of the files written; ``workers``
+    (if given) counts the (target, method) rankings each worker computed."""
     from ray.util import ActorPool
     from tqdm.auto import tqdm
 
@@ -358,10 +366,13 @@ def _run_work(exp, address, settings, train, test, work, pending) -> list[str]:
     try:
         pool = ActorPool(actors)
         results = pool.map_unordered(lambda actor, item: actor.rank.remote(*item), work)
-        for method, label, chunk, table in results:
+        for method, label, chunk, table, worker in results:
             entry = pending[(method, label)]
             entry["tables"][chunk] = table
-            bar.update(len(np.unique(table.column("target_id").to_numpy())))
+            ranked = len(np.unique(table.column("target_id").to_numpy()))
+            bar.update(ranked)
+            if workers is not None:
+                workers[worker] = workers.get(worker, 0) + ranked
             if len(entry["tables"]) == entry["chunks"]:
                 tables = [entry["tables"][i] for i in range(entry["chunks"])]
                 merged = sort_rankings(pa.concat_tables(tables) if tables else empty_rankings())

@@ -25,13 +25,17 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_k
     init_kwargs.setdefault("include_dashboard", False)
     init_kwargs.setdefault("log_to_driver", True)
     init_kwargs.setdefault("configure_logging", False)
+    if address is None and os.environ.get("RAY_ADDRESS", "local") != "local":
+        address = os.environ["RAY_ADDRESS"]  # a Ray job's driver: join the job's cluster
     if address is None:
         # Workers are one thread each; the driver keeps the default for its own torch.
         runtime_env = init_kwargs.pop("runtime_env", None) or {}
         env_vars = dict(runtime_env.get("env_vars", {}))
         env_vars.setdefault("OMP_NUM_THREADS", "1")
         runtime_env["env_vars"] = env_vars
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, **init_kwargs)
+        # "local": always a new cluster; a bare ray.init() would join the newest cluster
+        # another process on this machine started (and die with it).
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, **init_kwargs)
     else:
         ray.init(address=address, **init_kwargs)
     return ray

@@ -31,8 +31,7 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,6 +41,7 @@ import pyarrow as pa
 from attribution.bisection import NOT_FOUND, BisectionSearch, Trial
 from attribution.experiment import Experiment, read_dataset, write_table_atomic
 from attribution import retrain
+from cluster.workers import ActorSlots, worker_name
 
 MODES = ("removal", "mislabel")
 TRAINING_COLUMNS = ["target_id", "method", "mode", "k", "seed", "correct", "margin", "seconds"]
@@ -65,7 +65,7 @@ SUPPORT_SCHEMA = pa.schema([
 class SupportSettings:
     """The [support] section of a preset (every field has a default)."""
 
-    model: str = "mlp"                 # mlp | cnn | resnet9 | mobilenetv2, or a RECIPES key
+    model: str = "mlp"                 # mlp | cnn | resnet9 | mobilenetv2 | resnet18, or a RECIPES key
     epochs: int | None = None          # None: the recipe's
     batch_size: int | None = None
     lr: float | None = None
@@ -131,13 +131,15 @@ class RetrainWorker:
                                "install a CUDA build of torch there or set [support] gpus_per_actor = 0")
         self.config = retrain.TrainConfig(**config)
         # Ray hands numpy arrays over read-only from the object store; copy once here.
-        self.trainer = retrain.Retrainer(self.config, np.array(train["images"]), np.array(train["labels"]),
+        # in-memory arrays, or an ImageSet read batch by batch (ImageNet: every node sees the files)
+        images = np.array(train["images"]) if "images" in train else train["image_set"]
+        self.trainer = retrain.Retrainer(self.config, images, np.array(train["labels"]),
                                          np.array(train["ids"]), train["mean"], train["std"], train["num_classes"])
         self.target_x = retrain.to_tensor(np.array(targets["images"]), train["mean"], train["std"])
         self.target_labels = np.asarray(targets["labels"], dtype=np.int64)
         self.target_pos = {int(t): i for i, t in enumerate(targets["ids"])}
         self.fail_once = {tuple(key) for key in fail_once}  # test hook: fail the first attempt of these
-        self.name = f"{os.uname().nodename}:{os.getpid()}"
+        self.name = worker_name()  # host:pid@node: the trainings log's worker column
 
     def ready(self) -> str:
         return self.name
@@ -267,7 +269,9 @@ class SupportScheduler:
         gpus = float(resources.get("GPU", 0))
         gpu_share = s.gpus_per_actor
         if gpu_share is None:
-            gpu_share = 0.0 if gpus == 0 else (1.0 if s.model in ("resnet9", "mobilenetv2") else 0.25)
+            from cluster.resources import retrain_gpu_share
+
+            gpu_share = 0.0 if gpus == 0 else retrain_gpu_share(s.model)
         device = "cuda" if gpu_share > 0 else "cpu"
         self.config = s.train_config(device)
         if s.actors:
@@ -278,9 +282,12 @@ class SupportScheduler:
             n = max(1, int(resources.get("CPU", 1)))
         if self._refs is None:  # the arrays go to the object store once; every actor maps them
             self._refs = (ray.put(self.train), ray.put(self.targets))
-        self._actor_cls = ray.remote(num_cpus=1, num_gpus=gpu_share)(RetrainWorker)
-        self.actors = [self._new_actor() for _ in range(n)]
-        ray.get([a.ready.remote() for a in self.actors])
+        from cluster.resources import ACTOR_CPUS
+
+        self._actor_cls = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=gpu_share)(RetrainWorker)
+        # slots: an actor lost with its node is replaced, and takes work once it is up
+        self.actors = ActorSlots(self._new_actor, n, max_failed_starts=s.max_retries)
+        self.actors.wait_ready()
         return self.actors
 
     def _new_actor(self):
@@ -348,17 +355,27 @@ class SupportScheduler:
         pending: dict = {}  # ref -> (task, trial, attempt, actor index, speculative)
         load = [0] * len(self.actors)
         finished_here = 0
+        deferred: list = []  # retries waiting for a worker while every one is (re)starting
 
         def submit(task, trial, attempt, speculative):
-            index = min(range(len(self.actors)), key=lambda i: load[i])
+            usable = self.actors.usable()
+            if not usable:
+                deferred.append((task, trial, attempt, speculative))
+                return
+            index = min(usable, key=lambda i: load[i])
             ref = self.actors[index].train.remote(self._job(task, trial, attempt, speculative))
             pending[ref] = (task, trial, attempt, index, speculative)
             load[index] += 1
 
         try:
             while active or pending:
+                self.actors.poll()  # replacements of lost workers that are up take work again
+                if deferred and self.actors.usable():
+                    retries, deferred[:] = list(deferred), []
+                    for job in retries:
+                        submit(*job)
                 # Required trainings first, oldest searches first (finishes searches early).
-                free = sum(max(0, s.queue_depth - n) for n in load)
+                free = sum(max(0, s.queue_depth - load[i]) for i in self.actors.usable())
                 if free:
                     for task in active:
                         for trial in task.search.propose(free):
@@ -367,7 +384,7 @@ class SupportScheduler:
                         if not free:
                             break
                 # Idle workers (nothing queued at all): speculative k of running searches.
-                idle = sum(1 for n in load if n == 0)
+                idle = sum(1 for i in self.actors.usable() if load[i] == 0)
                 if s.speculate and idle:
                     for task in active:
                         for trial in task.search.propose(idle, speculative=True):
@@ -375,14 +392,20 @@ class SupportScheduler:
                             idle -= 1
                         if not idle:
                             break
+                if not pending and self.actors.starting:  # every worker is (re)starting
+                    self.actors.poll(timeout=None)
+                    continue
                 if not pending:
                     raise RuntimeError("no training in flight but searches are unfinished: "
                                        f"{[t.key for t in active][:5]} (a bug in the search state machine)")
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=s.flush_seconds)
+                ready, _ = ray.wait(list(pending) + self.actors.starting_refs(), num_returns=1,
+                                    timeout=s.flush_seconds)
                 if not ready:
                     log.flush()
                     continue
                 for ref in ready:
+                    if ref not in pending:
+                        continue  # a replacement worker answered: actors.poll() puts it in service
                     task, trial, attempt, index, speculative = pending.pop(ref)
                     load[index] -= 1
                     try:
@@ -429,7 +452,7 @@ class SupportScheduler:
     def _retry(self, task, trial, attempt, speculative, error, submit, log, replace_actor=None):
         self.failures += 1
         if replace_actor is not None:  # the worker died (OOM, node lost): start a fresh one
-            self.actors[replace_actor] = self._new_actor()
+            self.actors.lost(replace_actor, error)
         if attempt >= self.settings.max_retries:
             log.flush()
             raise RuntimeError(
@@ -483,7 +506,10 @@ def select_targets(rankings: dict, methods: Sequence[str], spec, seed: int) -> n
 
 
 def _data_arrays(data) -> dict:
-    return {"images": data.images(np.arange(len(data))), "labels": np.asarray(data.labels, np.int64),
+    """What the workers need of the training set: its pixels when they fit in memory, else
+    the ImageSet itself (paths; workers decode batches from the shared filesystem)."""
+    images = {"images": data.images(np.arange(len(data)))} if data.in_memory else {"image_set": data}
+    return {**images, "labels": np.asarray(data.labels, np.int64),
             "ids": np.asarray(data.ids, np.int64), "mean": tuple(data.mean), "std": tuple(data.std),
             "num_classes": int(data.num_classes)}
 

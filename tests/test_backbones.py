@@ -2,7 +2,6 @@
 bad files rejected with messages that name the problem, real ImageNet weights on real images."""
 
 import importlib.util
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -149,3 +149,4 @@ def test_even_seed_count_uses_mean_rule():
         fixed = run_search(BisectionSearch(64, 1, 4, early_decision=False), oracle)
         early = run_search(BisectionSearch(64, 1, 4), oracle)
         assert fixed.support == early.support == (32 if sum(pattern) <= 2 else 64)
+

@@ -39,7 +39,7 @@ def fashion_mnist():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()

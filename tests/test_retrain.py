@@ -98,7 +98,8 @@ def test_recipes_and_models():
         retrain.make_config("vgg")
     with pytest.raises(ValueError, match="unknown recipe fields"):
         retrain.make_config("mlp", epoch=3)
-    for name, shape in (("resnet9", (32, 32, 3)), ("mobilenetv2", (32, 32, 3)), ("cnn", (28, 28, 1)),
+    for name, shape in (("resnet9", (32, 32, 3)), ("mobilenetv2", (32, 32, 3)), ("resnet18", (32, 32, 3)),
+                        ("resnet18", (64, 96, 3)), ("cnn", (28, 28, 1)),
                         ("mlp", (28, 28, 1))):
         model = retrain.build_model(name, 10, shape).eval()
         with torch.no_grad():
@@ -123,3 +124,31 @@ def test_resnet9_recipe_trains_on_rgb_with_augmentation():
 def test_training_seed_is_stable():
     assert retrain.training_seed(0, 1) == retrain.training_seed(0, 1) != retrain.training_seed(0, 2)
     assert retrain.training_seed(1, 1) != retrain.training_seed(0, 1)
+
+
+def test_imagenet_recipe_reads_real_images_batch_by_batch(tmp_path):
+    """The ImageNet path: an ImageFolder set (real ImageNet images from foolbox) is not
+    materialised; the Retrainer decodes each batch from the files, and gives the same
+    model as the in-memory path on the same pixels."""
+    from PIL import Image
+
+    from tests.test_data import foolbox_images
+
+    for index, (pixels, label) in enumerate(foolbox_images("imagenet")[:8]):
+        folder = tmp_path / "train" / f"n{label:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"img{index}.png")  # lossless: both paths see the same pixels
+    from attribution.data import load_imagenet
+
+    train = load_imagenet("train", tmp_path, size=64)
+    assert not train.in_memory
+    config = retrain.make_config("resnet18", epochs=1, batch_size=4, device="cpu", mixed_precision=False)
+    assert config.model == "resnet18" and config.label_smoothing == 0.1
+    lazy = retrain.Retrainer.from_imageset(config, train)
+    assert lazy.x is None and lazy.image_shape == (64, 64, 3)
+    eager = retrain.Retrainer(config, train.images(np.arange(len(train))), train.labels, train.ids, train.mean,
+                              train.std, train.num_classes)
+    removed = train.ids[:2]
+    a, b = lazy.train(removed_ids=removed, seed=3), eager.train(removed_ids=removed, seed=3)
+    probe = train.images([0, 1])
+    np.testing.assert_allclose(lazy.logits(a, probe), eager.logits(b, probe), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attribution.presets import available_presets, load_preset, parse_override
+from attribution.presets import available_presets, load_ablations, load_preset, parse_override
 
 
 def add_run_arguments(parser):
@@ -10,6 +10,9 @@ def add_run_arguments(parser):
     parser.add_argument("--address", default=None,
                         help="Ray address to join (default: start a local Ray owned by this run)")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
+    parser.add_argument("--ablation", default=None, metavar="NAME",
+                        help="apply an ablation from benchmarks/presets/ablations.toml "
+                             f"({', '.join(sorted(load_ablations()))}); default --exp becomes runs/PRESET-NAME")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a preset value, e.g. --set data.train_per_class=100 (repeatable)")
 
@@ -17,8 +20,8 @@ def add_run_arguments(parser):
 def run(args) -> int:
     from cluster.pipeline import run_preset
 
-    preset = load_preset(args.preset, dict(parse_override(o) for o in args.overrides))
-    exp_dir = args.exp or f"runs/{preset['name']}"
+    preset = load_preset(args.preset, dict(parse_override(o) for o in args.overrides), ablation=args.ablation)
+    exp_dir = args.exp or f"runs/{preset['name']}" + (f"-{args.ablation}" if args.ablation else "")
     stages = args.stages.split(",") if args.stages else None
     summaries = run_preset(preset, exp_dir, address=args.address, stages=stages)
     print(f"\nexperiment directory: {exp_dir}")

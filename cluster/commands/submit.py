@@ -9,16 +9,24 @@ from cluster.storage import is_uri
 
 
 def submit_command(args) -> int:
+    from attribution.presets import load_preset, parse_override
     from cluster import submit as jobs
 
-    exp = args.exp or f"runs/{os.path.splitext(os.path.basename(args.preset))[0]}"
+    # Fail here, not on the cluster after the upload: unknown preset, bad --set.
+    try:
+        load_preset(args.preset, dict(parse_override(o) for o in args.overrides), ablation=args.ablation)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    exp = args.exp or (f"runs/{os.path.splitext(os.path.basename(args.preset))[0]}"
+                       + (f"-{args.ablation}" if args.ablation else ""))
     if not is_uri(exp):
         # The job runs in a temporary working_dir on the head node: pass an absolute path.
         exp = os.path.abspath(exp)
     try:
         job_id = jobs.submit(args.address, args.preset, exp, overrides=args.overrides,
                              stages=args.stages.split(",") if args.stages else None,
-                             ship_project=not args.installed, job_id=args.job_id)
+                             ship_project=not args.installed, job_id=args.job_id, ablation=args.ablation)
     except jobs.SubmissionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -64,12 +72,15 @@ def register(subparsers):
         description="Submit a preset to a Ray cluster through the Ray Jobs API and stream its logs. "
         "With token authentication (Ray >= 2.52), the cluster's token must be in ~/.ray/auth_token "
         "(or RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN); RAY_AUTH_MODE=token is then set for you.")
-    parser.add_argument("preset", help="preset name (quickstart, cifar10, imagenet) or .toml path")
+    parser.add_argument("preset", help="preset name (quickstart, cifar10, imagenet) or a local .toml file "
+                        "(sent with the job: the cluster need not see the file)")
     parser.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     parser.add_argument("--exp", default=None,
                         help="experiment directory: a path the head node sees, or a URI (s3://, gs://, file://)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stages")
+    parser.add_argument("--ablation", default=None, metavar="NAME",
+                        help="an ablation from benchmarks/presets/ablations.toml, applied on the cluster")
     parser.add_argument("--job-id", default=None, help="submission id (default: generated)")
     parser.add_argument("--installed", action="store_true",
                         help="the cluster image has this project installed: do not upload the source")

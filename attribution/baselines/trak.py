@@ -1,0 +1,313 @@
+"""TRAK (Park et al. 2023) through MadryLab's ``traker`` package (plain Python, no Ray).
+
+:class:`TrakScorer` wraps ``trak.TRAKer`` with task ``"image_classification"``:
+
+1. ``fit(model_fn, checkpoints, train_x, train_y)``: for every checkpoint (a state
+   dict of ``model_fn()``), per-example gradients of the margin of each training
+   image, randomly projected to ``proj_dim`` (``featurize``), then
+   ``Phi (Phi^T Phi + lambda I)^-1`` per checkpoint (``finalize_features``).
+2. ``score(target_x, target_y)``: the targets' projected gradients per checkpoint and
+   ``finalize_scores``: a (train x target) matrix, averaged over the checkpoints;
+   higher = the training image raises the target's margin more.
+
+Pitfalls of traker 0.3.2 handled here (docs/baselines.md):
+- ``load_from_save_dir=False`` is broken (``experiments.json`` is never created, so
+  scoring fails): the scorer always uses ``load_from_save_dir=True`` on a FRESH save
+  directory that it deletes and recreates in ``fit`` (stale features from other
+  settings are never picked up).
+- Projector: ``CudaProjector`` needs CUDA and the ``fast_jl`` kernel (which often fails
+  to build); otherwise :class:`BasicProjector` (dense Gaussian matrix). traker's own
+  BasicProjector regenerates its matrix block by block for EVERY batch (100 columns a
+  block), which dominates the CPU time; here the block is as wide as
+  ``max_projector_mb`` allows (the whole matrix for small models), so it is generated
+  once per checkpoint. traker frees the matrix in ``finalize_features`` and then fails
+  to regenerate a single-block matrix when scoring (AttributeError ``proj_matrix``):
+  :class:`_BasicProjector` regenerates it.
+- ``finalize_scores`` holds a (train x targets) float32 matrix in memory (the users'
+  OOM at 1M x 50k): ``score`` handles the targets it is given in one traker
+  experiment, so callers bound memory by passing chunks of targets
+  (cluster/trak.py does, ``target_chunk``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+TASK = "image_classification"
+# Files traker writes into its save_dir: the folder is ours to delete only if it holds these.
+_TRAKER_MARKERS = ("metadata.json", "experiments.json")
+
+
+def _basic_projector_class():
+    from trak.projectors import BasicProjector
+
+    class _BasicProjector(BasicProjector):
+        """traker's BasicProjector, regenerating a freed single-block matrix.
+
+        ``TRAKer.finalize_features`` calls ``free_memory()``; with one block and an
+        unchanged model id, ``project`` then uses the deleted matrix (traker 0.3.2 bug).
+        """
+
+        def project(self, grads, model_id):
+            if self.num_blocks == 1 and not self.proj_matrix_available and model_id == self.model_id:
+                self.generate_sketch_matrix(self.generator_states[0])
+            return super().project(grads, model_id)
+
+    return _BasicProjector
+
+
+def cuda_projector_available() -> bool:
+    """CUDA is usable and traker's ``fast_jl`` kernel imports."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import fast_jl  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run a block with ``n`` torch threads (None: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class TrakScores:
+    """Scores of one ``score`` call: ``scores`` (n_train, n_targets) float32."""
+
+    scores: np.ndarray
+    projector: str
+    proj_dim: int
+    checkpoints: int
+    seconds: float
+
+
+class TrakScorer:
+    """TRAK scores of training images for targets, from M model checkpoints.
+
+    Parameters
+    ----------
+    save_dir : traker's working folder (projected gradients, features, score mmaps);
+        deleted and recreated by ``fit``. It must be a folder only TRAK uses.
+    proj_dim : dimension of the random projection of per-example gradients; must be
+        smaller than the training-set size (X^T X is proj_dim x proj_dim).
+    lambda_reg : ridge term added to X^T X before inverting (traker's ``lambda_reg``).
+    batch_size : images per featurize / score call (per-example gradients of a batch
+        are held in memory: batch_size x number of parameters floats).
+    device : "auto" (CUDA when available, else CPU), "cpu" or "cuda[:i]".
+    seed : projector seed (traker's ``projector_seed``).
+    use_half_precision : float16 features (traker's default on GPU); keep False on CPU.
+    max_projector_mb : memory for one block of the CPU projection matrix; the whole
+        matrix (parameters x proj_dim floats) when it fits, generated once per checkpoint.
+    grad_wrt : parameter names to take gradients of (None: all parameters).
+    progress : tqdm bars.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, proj_dim: int = 512, lambda_reg: float = 0.0,
+                 batch_size: int = 128, device: str = "auto", seed: int = 0, use_half_precision: bool = False,
+                 max_projector_mb: int = 1024, grad_wrt: Sequence[str] | None = None, progress: bool = True):
+        if int(proj_dim) < 1:
+            raise ValueError(f"proj_dim must be at least 1, got {proj_dim}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if float(lambda_reg) < 0:
+            raise ValueError(f"lambda_reg must be >= 0, got {lambda_reg}")
+        if int(max_projector_mb) < 1:
+            raise ValueError(f"max_projector_mb must be at least 1, got {max_projector_mb}")
+        self.save_dir = Path(save_dir)
+        self.proj_dim = int(proj_dim)
+        self.lambda_reg = float(lambda_reg)
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.seed = int(seed)
+        self.use_half_precision = bool(use_half_precision)
+        self.max_projector_mb = int(max_projector_mb)
+        self.grad_wrt = list(grad_wrt) if grad_wrt else None
+        self.progress = progress
+
+    # ------------------------------------------------------------------ helpers
+    def _device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but torch sees no CUDA device; use device='auto' or 'cpu'")
+        return str(self.device)
+
+    def _fresh_save_dir(self) -> None:
+        folder = self.save_dir
+        if folder.exists():
+            entries = [p.name for p in folder.iterdir()]
+            if entries and not any(m in entries for m in _TRAKER_MARKERS):
+                raise ValueError(f"save_dir {folder} is not empty and holds no traker files ({entries[:5]}); "
+                                 "TrakScorer deletes its save_dir, so give it a folder of its own")
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+
+    def _projector(self, n_grad: int, device: str):
+        """(projector or None = let TRAKer build its CUDA one, name)."""
+        if device.startswith("cuda") and cuda_projector_available():
+            return None, "CudaProjector"
+        from trak.projectors import ProjectionType
+
+        block = max(1, min(self.proj_dim, (self.max_projector_mb << 20) // (4 * n_grad)))
+        # Gaussian on CPU: traker's own CPU choice (Bernoulli sampling lacks float16 on CPU).
+        projector = _basic_projector_class()(grad_dim=n_grad, proj_dim=self.proj_dim, seed=self.seed,
+                                             proj_type=ProjectionType.normal, device=device, block_size=block,
+                                             dtype=torch.float32)
+        return projector, "BasicProjector"
+
+    def _batches(self, x: torch.Tensor, y: torch.Tensor, device: str):
+        for start in range(0, len(x), self.batch_size):
+            yield x[start:start + self.batch_size].to(device), y[start:start + self.batch_size].to(device)
+
+    # ------------------------------------------------------------------ fit / score
+    def fit(self, model_fn: Callable[[], torch.nn.Module], checkpoints: Sequence[dict], train_x, train_y) -> "TrakScorer":
+        """Featurize the training set for every checkpoint and finalize the features.
+
+        model_fn : builds the (untrained) model the state dicts belong to.
+        checkpoints : M state dicts.
+        train_x : normalised NCHW float tensor (``attribution.retrain.to_tensor``).
+        train_y : integer labels.
+        """
+        from tqdm.auto import tqdm
+        from trak import TRAKer
+
+        train_x = torch.as_tensor(train_x, dtype=torch.float32)
+        train_y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+        n = len(train_x)
+        if len(train_y) != n:
+            raise ValueError(f"{n} training images but {len(train_y)} labels: they must match")
+        if len(checkpoints) < 1:
+            raise ValueError("checkpoints is empty: TRAK needs at least one trained model (state dict)")
+        if self.proj_dim >= n:
+            raise ValueError(f"proj_dim={self.proj_dim} must be smaller than the training-set size {n} "
+                             f"(X^T X of {n} projected gradients is then singular); lower proj_dim, "
+                             f"e.g. --set trak.proj_dim={max(1, n // 2)}")
+        device = self._device()
+        model = model_fn().to(device)
+        n_grad = sum(p.numel() for name, p in model.named_parameters()
+                     if self.grad_wrt is None or name in self.grad_wrt)
+        projector, name = self._projector(n_grad, device)
+        self._fresh_save_dir()
+        start = time.perf_counter()
+        self.traker_ = TRAKer(model=model, task=TASK, train_set_size=n, save_dir=str(self.save_dir),
+                              load_from_save_dir=True, device=device, projector=projector, proj_dim=self.proj_dim,
+                              use_half_precision=self.use_half_precision, projector_seed=self.seed,
+                              grad_wrt=self.grad_wrt, lambda_reg=self.lambda_reg, logging_level=logging.WARNING)
+        self.projector_ = type(self.traker_.projector).__name__ if projector is None else name
+        self.device_ = device
+        self.checkpoints_ = list(checkpoints)
+        self.n_train_ = n
+        steps = len(self.checkpoints_) * math.ceil(n / self.batch_size)
+        with tqdm(total=steps, desc=f"trak featurize ({len(self.checkpoints_)} models)", unit="batch",
+                  disable=not self.progress, file=sys.stderr, dynamic_ncols=True) as bar:
+            for model_id, state in enumerate(self.checkpoints_):
+                self.traker_.load_checkpoint(state, model_id=model_id)
+                for xb, yb in self._batches(train_x, train_y, device):
+                    self.traker_.featurize(batch=(xb, yb), num_samples=len(xb))
+                    bar.update(1)
+        # del_grads: the raw projected gradients are not needed once the features exist
+        self.traker_.finalize_features(del_grads=True)
+        self.featurize_seconds_ = time.perf_counter() - start
+        self._experiments = 0
+        return self
+
+    def score(self, target_x, target_y) -> TrakScores:
+        """Scores (n_train, n_targets) for these targets; memory ~ n_train x n_targets floats."""
+        if not hasattr(self, "traker_"):
+            raise RuntimeError("call fit(...) before score(...)")
+        target_x = torch.as_tensor(target_x, dtype=torch.float32)
+        target_y = torch.as_tensor(np.asarray(target_y), dtype=torch.long)
+        if len(target_x) != len(target_y) or len(target_x) == 0:
+            raise ValueError(f"{len(target_x)} target images and {len(target_y)} labels: need the same, >= 1")
+        start = time.perf_counter()
+        exp_name = f"targets{self._experiments:05d}"  # a fresh traker experiment per call
+        self._experiments += 1
+        for model_id, state in enumerate(self.checkpoints_):
+            self.traker_.start_scoring_checkpoint(exp_name=exp_name, checkpoint=state, model_id=model_id,
+                                                  num_targets=len(target_x))
+            for xb, yb in self._batches(target_x, target_y, self.device_):
+                self.traker_.score(batch=(xb, yb), num_samples=len(xb))
+        scores = np.array(self.traker_.finalize_scores(exp_name=exp_name), dtype=np.float32)
+        # the returned matrix is now ours: drop traker's copies (score mmap, target gradients)
+        self.traker_.saver.current_store.pop(f"{exp_name}_scores", None)
+        self.traker_.scores = None
+        for path in [self.save_dir / "scores" / f"{exp_name}.mmap",
+                     *self.save_dir.glob(f"*/{exp_name}_grads.mmap")]:
+            path.unlink(missing_ok=True)
+        if not np.isfinite(scores).all():
+            raise ValueError("TRAK scores contain NaN/inf (X^T X badly conditioned?); raise lambda_reg "
+                             "or lower proj_dim")
+        return TrakScores(scores, self.projector_, self.proj_dim, len(self.checkpoints_),
+                          time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_state_atomic(payload: dict, path: str | os.PathLike) -> Path:
+    """torch.save so a reader sees the old file or the complete new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_path(folder: str | os.PathLike, index: int) -> Path:
+    return Path(folder) / f"model-{int(index):03d}.pt"
+
+
+def train_checkpoints(trainer, folder: str | os.PathLike, n_models: int, base_seed: int, recipe: str,
+                      threads: int | None = 1, progress: bool = True) -> tuple[list[dict], int]:
+    """The full-data models with seed indices 0..n-1 (the support stage's ensemble).
+
+    ``trainer``: an :class:`attribution.retrain.Retrainer`. Each model uses torch seed
+    ``retrain.training_seed(base_seed, i)``, as the support ensemble does; ``threads=1``
+    matches the support workers (one torch thread), so the weights are the same.
+    A stored ``model-NNN.pt`` with the same ``recipe`` fingerprint and torch seed is
+    reused. Returns (state dicts, number trained now).
+    """
+    from tqdm.auto import tqdm
+
+    from attribution.retrain import training_seed
+
+    states, trained = [], 0
+    for index in tqdm(range(int(n_models)), desc="trak checkpoints", unit="model", disable=not progress,
+                      file=sys.stderr, dynamic_ncols=True):
+        path = checkpoint_path(folder, index)
+        torch_seed = training_seed(base_seed, index)
+        if path.exists():
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored.get("recipe") == recipe and stored.get("torch_seed") == torch_seed:
+                states.append(stored["state_dict"])
+                continue
+        with torch_threads(threads):
+            model = trainer.train(seed=torch_seed)
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        save_state_atomic({"state_dict": state, "recipe": recipe, "seed_index": index, "torch_seed": torch_seed,
+                           "config": trainer.config.to_dict()}, path)
+        states.append(state)
+        trained += 1
+    return states, trained

@@ -1,0 +1,109 @@
+"""Comparison of several experiments (a preset and its ablations) from their stored tables.
+
+An ablation runs in its own experiment directory (``attribution run PRESET --ablation
+NAME`` writes runs/PRESET-NAME), so its supports are not in the baseline's report. This
+module puts the support summaries of several experiments side by side: one row per
+(experiment, method, mode) with the AUC of the support curve and its bootstrap interval
+over targets, computed exactly as the per-experiment report does
+(:func:`attribution.metrics.support_summary`), plus one figure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from attribution import metrics as M
+from attribution.experiment import Experiment
+from attribution.report import _colors, _new_figure, _save, _write_text, _md_table
+
+
+def experiment_label(exp_dir: str | os.PathLike) -> str:
+    """The preset name and ablation the experiment recorded, else its folder name."""
+    manifest = Experiment(exp_dir).manifest()
+    preset = (manifest.get("preset") or {}).get("preset") or {}
+    name = preset.get("name") or Path(exp_dir).name
+    return f"{name} [{preset['ablation']}]" if preset.get("ablation") else name
+
+
+def compare_experiments(exp_dirs: Sequence[str | os.PathLike], labels: Sequence[str] | None = None, *,
+                        n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Support summaries of every experiment, with ``experiment`` and ``limit`` columns."""
+    if not exp_dirs:
+        raise ValueError("give at least one experiment directory to compare")
+    if labels is not None and len(labels) != len(exp_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(exp_dirs)} experiments: give one label per experiment")
+    frames = []
+    for position, exp_dir in enumerate(exp_dirs):
+        exp = Experiment(exp_dir)
+        if not exp.support.exists():
+            raise FileNotFoundError(f"{exp.support} does not exist: run the support stage of that experiment first "
+                                    f"('attribution support --exp {exp.root}')")
+        support = pd.read_parquet(exp.support)
+        limit, _ = M.support_limit(exp.manifest(), support)
+        if limit is None:
+            raise ValueError(f"{exp.root}: cannot tell the largest k its support stage tried")
+        summary = M.support_summary(support, limit, n_boot=n_boot, confidence=confidence, seed=seed)
+        summary.insert(0, "experiment", labels[position] if labels else experiment_label(exp_dir))
+        summary.insert(1, "limit", limit)
+        frames.append(summary)
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_comparison(table: pd.DataFrame, path: Path) -> Path:
+    """AUC with its interval per (experiment, method), one panel per mode."""
+    modes = [m for m in M.MODES if m in set(table["mode"])] or sorted(table["mode"].unique())
+    methods = M.order_methods(table["method"].unique())
+    experiments = list(dict.fromkeys(table["experiment"]))
+    colors = _colors(methods)
+    fig = _new_figure(max(5.0, 1.2 * len(experiments) * len(modes) + 2), 4.0)
+    axes = np.atleast_1d(fig.subplots(1, len(modes), sharey=True))
+    width = 0.8 / max(1, len(methods))
+    for ax, mode in zip(axes, modes):
+        for j, method in enumerate(methods):
+            part = table[(table["mode"] == mode) & (table["method"] == method)].set_index("experiment")
+            xs = [i + (j - (len(methods) - 1) / 2) * width for i, e in enumerate(experiments) if e in part.index]
+            rows = [part.loc[e] for e in experiments if e in part.index]
+            if not rows:
+                continue
+            auc = np.array([r["auc"] for r in rows])
+            err = np.array([[r["auc"] - r["auc_low"] for r in rows], [r["auc_high"] - r["auc"] for r in rows]])
+            ax.bar(xs, auc, width, yerr=err, color=colors[method], label=method, capsize=2)
+        ax.set_xticks(range(len(experiments)), experiments, rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{mode} support: AUC (higher = smaller supports)")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("normalised AUC of the support curve")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_comparison(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                     labels: Sequence[str] | None = None, **kwargs) -> tuple[Path, Path]:
+    """``out_dir``/comparison.md (+ comparison.csv, comparison.png); returns (md, csv)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = compare_experiments(exp_dirs, labels, **kwargs)
+    csv_path = out / "comparison.csv"
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, csv_path)
+    png = plot_comparison(table, out / "comparison.png")
+    shown = table[["experiment", "method", "mode", "n_targets", "n_found", "median_support", "auc",
+                   "auc_low", "auc_high", "limit"]].copy()
+    for column in ("median_support", "auc", "auc_low", "auc_high"):
+        shown[column] = shown[column].map(lambda v: "-" if pd.isna(v) else f"{v:.3f}")
+    lines = ["# Comparison of experiments", "",
+             "AUC of the fraction-of-targets-with-support-<=-k curve (higher: smaller supports), with a "
+             f"{int(kwargs.get('confidence', 0.95) * 100)}% bootstrap interval over targets. Experiments: "
+             + ", ".join(f"`{os.fspath(e)}`" for e in exp_dirs) + "."]
+    if table["limit"].nunique() > 1:
+        lines += ["", "Note: the experiments tried different largest k (`limit`), so their AUCs are on "
+                      "different scales."]
+    lines += ["", *_md_table(shown), "", f"![AUC per experiment]({png.name})", ""]
+    md_path = out / "comparison.md"
+    _write_text(md_path, "\n".join(lines))
+    return md_path, csv_path

@@ -1,0 +1,341 @@
+"""Datamodels: seeded alpha-subset masks, the l1 regression on a planted sparse model, and
+the stage on a real local Ray with real Fashion-MNIST images (outputs, resume, retry)."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from attribution import retrain
+from attribution.baselines.datamodels import (
+    DatamodelRegression,
+    datamodel_rankings,
+    heldout_split,
+    margins_from_logits,
+    subset_mask,
+    subset_masks,
+)
+from attribution.data import load_dataset
+from attribution.experiment import Experiment, read_dataset, write_table_atomic
+
+# ----------------------------------------------------------------------------- plain Python
+
+
+def test_subset_masks_are_seeded_alpha_sized_and_extendable():
+    masks = subset_masks(101, 40, alpha=0.3, seed=7)
+    assert masks.shape == (40, 101) and masks.dtype == bool
+    assert (masks.sum(axis=1) == round(0.3 * 101)).all()
+    np.testing.assert_array_equal(masks, subset_masks(101, 40, alpha=0.3, seed=7))
+    assert not np.array_equal(masks, subset_masks(101, 40, alpha=0.3, seed=8))
+    # model m's subset depends on (seed, m) only: more models extend, an offset continues
+    np.testing.assert_array_equal(subset_masks(101, 10, 0.3, 7), masks[:10])
+    np.testing.assert_array_equal(subset_masks(101, 5, 0.3, 7, first_model=20), masks[20:25])
+    np.testing.assert_array_equal(subset_mask(101, 0.3, 7, 33), masks[33])
+    assert len({row.tobytes() for row in masks}) == 40  # distinct subsets
+    # every image is drawn with probability alpha
+    many = subset_masks(200, 400, alpha=0.5, seed=0)
+    assert abs(many.mean() - 0.5) < 1e-12 and np.abs(many.mean(axis=0) - 0.5).max() < 0.12
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            subset_masks(100, 3, alpha=bad)
+    with pytest.raises(ValueError, match="n_models"):
+        subset_masks(100, -1)
+
+
+def test_margins_match_evaluate_target():
+    logits = np.random.default_rng(0).normal(size=(50, 10))
+    labels = np.random.default_rng(1).integers(0, 10, 50)
+    margins = margins_from_logits(logits, labels)
+    expected = [retrain.evaluate_target(row, label)[1] for row, label in zip(logits, labels)]
+    np.testing.assert_allclose(margins, expected)
+    with pytest.raises(ValueError, match="labels"):
+        margins_from_logits(logits, labels[:-1])
+
+
+def planted(n_train=150, n_models=300, noise=0.5, seed=0):
+    rng = np.random.default_rng(seed)
+    masks = subset_masks(n_train, n_models, 0.5, seed)
+    w = np.zeros((2, n_train))
+    support = [rng.choice(n_train, 5, replace=False) for _ in range(2)]
+    for t in range(2):
+        w[t, support[t]] = rng.uniform(1.0, 2.0, 5) * rng.choice([-1, 1], 5)
+    margins = 3.0 + masks @ w.T + rng.normal(0, noise, (n_models, 2))
+    return masks, margins, w, support
+
+
+def test_regression_recovers_a_planted_sparse_model():
+    masks, margins, w, support = planted()
+    model = DatamodelRegression(n_alphas=25, eps=1e-4, heldout_fraction=0.2, patience=None, seed=0).fit(masks, margins)
+    assert model.coef_.shape == (2, 150) and model.intercept_.shape == (2,)
+    for t in range(2):
+        top = np.argsort(-np.abs(model.coef_[t]))[:5]
+        assert set(top) == set(support[t]), "the largest coefficients are the planted images"
+        np.testing.assert_array_equal(np.sign(model.coef_[t, support[t]]), np.sign(w[t, support[t]]))
+        mse = model.heldout_mse_path_[t]
+        chosen = model.alpha_index_[t]
+        # held-out selection beats both ends of the path: the all-zero model and the
+        # weakest l1 (near least squares on 240 models x 150 images: overfit)
+        assert 0 < chosen < len(mse) - 1
+        assert mse[chosen] < mse[0] and mse[chosen] < mse[-1]
+        assert model.alpha_[t] == model.alphas_[t, chosen]
+    # fresh models: the datamodel predicts their margins
+    fresh = subset_masks(150, 100, 0.5, seed=99)
+    truth = 3.0 + fresh @ w.T
+    assert model.score(fresh, truth) > 0.9
+    # early stopping on the held-out error picks the same strength at a fraction of the path
+    quick = DatamodelRegression(n_alphas=25, eps=1e-4, patience=3, seed=0).fit(masks, margins)
+    np.testing.assert_array_equal(quick.alpha_index_, model.alpha_index_)
+    assert np.isnan(quick.heldout_mse_path_[:, -1]).all()
+    np.testing.assert_allclose(quick.coef_, model.coef_, atol=1e-6)
+
+
+def test_regression_validates_shapes_and_split():
+    masks, margins, _, _ = planted(n_train=20, n_models=30)
+    reg = DatamodelRegression(seed=0)
+    with pytest.raises(ValueError, match="masks must be 2-D"):
+        reg.fit(masks[0], margins)
+    with pytest.raises(ValueError, match="same model"):
+        reg.fit(masks[:-1], margins)
+    bad = margins.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        reg.fit(masks, bad)
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        DatamodelRegression(heldout_fraction=1.0).fit(masks, margins)
+    with pytest.raises(ValueError, match="at least 2"):
+        heldout_split(5, 0.1, 0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        DatamodelRegression().predict(masks)
+    fit, held = heldout_split(30, 0.2, 4)
+    assert len(held) == 6 and not set(fit) & set(held) and set(fit) | set(held) == set(range(30))
+    np.testing.assert_array_equal(heldout_split(30, 0.2, 4)[1], held)
+
+
+def test_rankings_from_coefficients():
+    coef = np.array([[0.0, 2.0, -1.0, 0.5, 0.0], [1.0, 0.0, 0.0, 3.0, 0.0]])
+    train_ids = np.array([10, 11, 12, 13, 14])
+    train_labels = np.array([0, 0, 1, 1, 0])
+    table = datamodel_rankings([7, 8], [0, 1], coef, train_ids, train_labels, top_k=3)
+    frame = table.to_pandas()
+    assert set(frame["method"]) == {"datamodels"}
+    assert frame[frame.target_id == 7]["train_id"].tolist() == [11, 13, 10]  # ties (0.0) by id
+    same = datamodel_rankings([7, 8], [0, 1], coef, train_ids, train_labels, top_k=3, same_class=True).to_pandas()
+    assert same[same.target_id == 7]["train_id"].tolist() == [11, 10, 14]
+    assert same[same.target_id == 8]["train_id"].tolist() == [13, 12]
+    with pytest.raises(ValueError, match="coef must be"):
+        datamodel_rankings([7], [0], coef, train_ids, train_labels, top_k=3)
+
+
+# ----------------------------------------------------------------------------- the stage on Ray
+
+ray = pytest.importorskip("ray")
+
+TRAIN_PER_CLASS = 30  # 300 real training images
+MODELS, LDS_MODELS = 24, 16
+
+
+def preset(**datamodels):
+    section = {"models": MODELS, "lds_models": LDS_MODELS, "top_k": 40, "actors": 2, "flush_every": 4,
+               "flush_seconds": 5.0}
+    section.update(datamodels)
+    return {"name": "test", "seed": 0, "data": {"dataset": "fashion-mnist", "train_per_class": TRAIN_PER_CLASS},
+            "support": {"model": "mlp", "epochs": 2}, "datamodels": section}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import os
+
+    from cluster.runtime import ensure_ray
+
+    # a Ray of our own even when other processes on the machine started clusters with
+    # `ray start` (ray.init() without an address would join the latest of those)
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = "local"
+    try:
+        ensure_ray(None, num_cpus=2)
+        yield ray
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+
+
+@pytest.fixture(scope="module")
+def setting():
+    train = load_dataset("fashion-mnist", "train", n_per_class=TRAIN_PER_CLASS, seed=0)
+    test = load_dataset("fashion-mnist", "test", n_per_class=2, seed=0)
+    targets = test.ids[[0, 1, 5, 9, 14]]  # a few classes, two targets in one of them
+    labels = dict(zip(test.ids.tolist(), test.labels.tolist()))
+    return train, targets, labels
+
+
+def new_exp(path, setting):
+    """An experiment with random same-class rankings of the targets, as the rank stage writes them."""
+    train, targets, labels = setting
+    exp = Experiment(path).create()
+    rows = []
+    for target in targets:
+        same = train.ids[train.labels == labels[int(target)]]
+        order = np.random.default_rng(int(target)).permutation(len(same))
+        rows.append(pd.DataFrame({"target_id": np.int64(target), "method": "random",
+                                  "rank": np.arange(len(same), dtype=np.int32), "train_id": same[order],
+                                  "score": np.linspace(1, 0, len(same), dtype=np.float32)}))
+    write_table_atomic(pa.Table.from_pandas(pd.concat(rows), preserve_index=False), exp.rankings / "random.parquet")
+    return exp
+
+
+@pytest.fixture(scope="module")
+def clean(ray_local, setting, tmp_path_factory):
+    from cluster.datamodels import run_datamodels_stage
+
+    exp = new_exp(tmp_path_factory.mktemp("clean"), setting)
+    summary = run_datamodels_stage(exp, preset(), progress=False)
+    return exp, summary
+
+
+def margins_table(exp, folder="datamodels"):
+    return pd.read_parquet(exp.root / folder / "margins.parquet").sort_values(["model_id", "target_id"])
+
+
+def test_stage_writes_tables_that_metrics_load(clean, setting):
+    from attribution.metrics import load_lds_data, lds_table
+    from attribution.ranking import load_rankings
+
+    exp, summary = clean
+    train, targets, labels = setting
+    assert summary["trained_this_run"] == MODELS + LDS_MODELS and summary["targets"] == len(targets)
+    masks = pd.read_parquet(exp.root / "datamodels" / "masks.parquet")
+    assert sorted(masks["model_id"].unique()) == list(range(MODELS))
+    assert (masks.groupby("model_id").size() == 150).all()  # alpha 0.5 of 300 images
+    assert set(masks["train_id"]) <= set(train.ids.tolist())
+    margins = margins_table(exp)
+    assert len(margins) == MODELS * len(targets) and set(margins["target_id"]) == set(targets.tolist())
+    assert margins["margin"].std() > 0
+
+    data = load_lds_data(exp.root)
+    assert data.source == "lds" and data.masks.shape == (LDS_MODELS, len(train))
+    assert data.margins.shape == (LDS_MODELS, len(targets)) and (data.masks.sum(axis=1) == 150).all()
+    lds_masks = pd.read_parquet(exp.root / "lds" / "masks.parquet")
+    assert lds_masks["model_id"].min() >= MODELS  # never a regression model
+
+    rankings = load_rankings(exp, "datamodels").to_pandas()
+    assert set(rankings["target_id"]) == set(targets.tolist())
+    assert (rankings.groupby("target_id").size() == 40).all()
+    # native setting: every class is a candidate; the order follows the coefficients
+    assert rankings["train_id"].map(dict(zip(train.ids, train.labels))).nunique() > 1
+    coef = pd.read_parquet(exp.root / "datamodels" / "regressions" / "coef-class{:03d}.parquet".format(
+        labels[int(targets[0])]))
+    per_target = pd.concat(pd.read_parquet(p) for p in (exp.root / "datamodels" / "regressions").glob("targets-*"))
+    assert set(per_target["target_id"]) == set(targets.tolist())
+    assert (per_target["heldout_mse"] <= per_target["heldout_mse_zero_model"] + 1e-12).all()
+    first = rankings[rankings.target_id == targets[0]].sort_values("rank")
+    assert (np.diff(first["score"].to_numpy()) <= 0).all()
+    nonzero = coef[coef.target_id == targets[0]]
+    if len(nonzero):
+        assert first["score"].iloc[0] == pytest.approx(max(nonzero["coef"].max(), 0.0))
+    table = lds_table(load_rankings(exp).to_pandas(), data, n_boot=50)
+    assert set(table["method"]) == {"random", "datamodels"} and (table["n_models"] == LDS_MODELS).all()
+    # manifest: what the cost table and the report read
+    entry = exp.manifest()["datamodels"]
+    assert entry["models"] == MODELS and entry["alpha"] == 0.5 and entry["seconds"] > 0
+    assert entry["reused"] is False and "alpha_median" in entry["regularisation"]
+
+
+def test_margins_are_those_of_a_model_trained_on_the_subset(clean, setting):
+    """A worker's margins equal an in-process training on the same subset and torch seed."""
+    from cluster.datamodels import LDS_MODEL_OFFSET
+
+    exp, _ = clean
+    train, targets, _ = setting
+    torch.set_num_threads(1)
+    ids = np.sort(train.ids)
+    trainer = retrain.Retrainer.from_imageset(retrain.make_config("mlp", epochs=2), train)
+    test = load_dataset("fashion-mnist", "test")
+    pos = test.positions_of(np.sort(targets))
+    for model_id, folder in ((3, "datamodels"), (LDS_MODEL_OFFSET + 2, "lds")):
+        mask = subset_mask(len(ids), 0.5, 0, model_id)
+        stored = pd.read_parquet(exp.root / folder / "masks.parquet")
+        assert set(stored.loc[stored.model_id == model_id, "train_id"]) == set(ids[mask])
+        model = trainer.train(removed_ids=ids[~mask], seed=retrain.training_seed(0, model_id))
+        expected = margins_from_logits(trainer.logits(model, test.images(pos)), test.labels[pos])
+        got = margins_table(exp, folder)
+        got = got[got.model_id == model_id].sort_values("target_id")["margin"].to_numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_rerun_trains_nothing_and_changed_settings_are_refused(clean):
+    from cluster.datamodels import run_datamodels_stage
+
+    exp, _ = clean
+    parts = sorted(p.name for p in (exp.root / "datamodels" / "models").glob("*.parquet"))
+    seconds = exp.manifest()["datamodels"]["seconds"]
+    summary = run_datamodels_stage(exp, preset(), progress=False)
+    assert summary["trained_this_run"] == 0 and summary["computed_files"] == 0 and summary["reused_files"] > 0
+    assert sorted(p.name for p in (exp.root / "datamodels" / "models").glob("*.parquet")) == parts
+    entry = exp.manifest()["datamodels"]
+    assert entry["reused"] is True and entry["seconds"] == seconds  # the computing run's time is kept
+    with pytest.raises(ValueError, match="alpha: 0.5 -> 0.4"):
+        run_datamodels_stage(exp, preset(alpha=0.4), progress=False)
+    with pytest.raises(ValueError, match="models: 24 -> 30"):
+        run_datamodels_stage(exp, preset(models=30), progress=False)
+
+
+def test_killed_run_resumes_and_a_failed_training_is_retried(clean, setting, tmp_path):
+    from cluster.datamodels import run_datamodels_stage
+    from cluster.support import DriverStopped
+
+    exp = new_exp(tmp_path / "resume", setting)
+    with pytest.raises(DriverStopped):
+        run_datamodels_stage(exp, preset(), progress=False, stop_after=10)
+    first = read_dataset(exp.root / "datamodels" / "models").to_pandas()
+    assert 0 < len(first) <= 10  # the flushed part files; the rest is lost as with a kill
+    missing = next(m for m in range(MODELS) if m not in set(first["model_id"]))
+    with pytest.raises(RuntimeError, match="rerun the same command"):
+        run_datamodels_stage(exp, preset(max_retries=0), progress=False, fail_once=[missing])
+    second = read_dataset(exp.root / "datamodels" / "models").to_pandas()
+    summary = run_datamodels_stage(exp, preset(), progress=False, fail_once=[missing])
+    log = read_dataset(exp.root / "datamodels" / "models").to_pandas()
+    assert summary["retried"] == 1 and not log["model_id"].duplicated().any()
+    assert summary["trained_this_run"] == MODELS + LDS_MODELS - len(second)
+    assert int(log.set_index("model_id").loc[missing, "attempt"]) == 1
+    # deterministic per model id: the same margins and rankings as the uninterrupted run
+    pd.testing.assert_frame_equal(margins_table(exp).reset_index(drop=True),
+                                  margins_table(clean[0]).reset_index(drop=True))
+    from attribution.ranking import load_rankings
+
+    assert load_rankings(exp, "datamodels").equals(load_rankings(clean[0], "datamodels"))
+
+
+def test_settings_and_inputs_errors_name_the_fix(tmp_path):
+    from cluster.datamodels import DatamodelSettings, run_datamodels_stage
+
+    with pytest.raises(ValueError, match=r"unknown \[datamodels\] setting"):
+        DatamodelSettings.from_preset({"datamodels": {"modles": 3}})
+    with pytest.raises(ValueError, match="heldout"):
+        DatamodelSettings.from_preset({"datamodels": {"models": 5}})
+    with pytest.raises(ValueError, match="lds_models"):
+        DatamodelSettings.from_preset({"datamodels": {"lds_models": 2}})
+    settings = DatamodelSettings.from_preset({"seed": 3, "support": {"model": "mlp", "epochs": 4},
+                                              "datamodels": {"lr": 0.05}})
+    config = settings.support_settings({"support": {"model": "mlp", "epochs": 4}, "datamodels": {"lr": 0.05}})
+    assert settings.seed == 3 and config.train_config().epochs == 4 and config.train_config().lr == 0.05
+    with pytest.raises(ValueError, match="attribution rank"):
+        run_datamodels_stage(Experiment(tmp_path).create(), preset())
+    with pytest.raises(ValueError, match="lds_models"):  # too few LDS models to cover every image
+        exp = Experiment(tmp_path / "few").create()
+        write_table_atomic(pa.table({"target_id": [int(load_dataset("fashion-mnist", "test").ids[0])],
+                                     "method": ["random"], "rank": pa.array([0], pa.int32()),
+                                     "train_id": [int(load_dataset("fashion-mnist", "train", n_per_class=30).ids[0])],
+                                     "score": pa.array([1.0], pa.float32())}), exp.rankings / "random.parquet")
+        run_datamodels_stage(exp, preset(lds_models=4))
+
+
+def test_cli_parses():
+    from cluster.cli import build_parser
+
+    args = build_parser().parse_args(["datamodels", "--exp", "x", "--set", "datamodels.models=50"])
+    assert args.exp == "x" and args.overrides == ["datamodels.models=50"] and args.preset == "quickstart"
