@@ -72,6 +72,22 @@ def load_preset(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
     return preset
 
 
+def section_settings(cls, preset: dict[str, Any], section: str):
+    """``cls`` (a dataclass with a ``seed`` field) built from ``preset[section]``; unknown
+    keys are refused by name, and a missing seed takes the preset's top-level seed."""
+    from dataclasses import fields
+
+    values = dict(preset.get(section) or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown [{section}] setting(s) {unknown}; known: {sorted(known)}")
+    settings = cls(**values)
+    if settings.seed is None:
+        settings.seed = int(preset.get("seed", 0))
+    return settings
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``section.key=value`` with value parsed as TOML (falls back to a string)."""
     if "=" not in text:

@@ -37,6 +37,10 @@ Preset section ``[datamodels]``: see :class:`DatamodelSettings`.
 
 from __future__ import annotations
 
+from cluster.workers import ActorSlots
+
+from attribution.presets import section_settings
+
 from attribution.experiment import settings_differences
 from attribution.ranking import ranked_targets
 
@@ -44,7 +48,7 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -114,14 +118,7 @@ class DatamodelSettings:
 
     @classmethod
     def from_preset(cls, preset: dict) -> "DatamodelSettings":
-        section = dict(preset.get("datamodels") or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown [datamodels] setting(s) {unknown}; known: {sorted(known)}")
-        settings = cls(**section)
-        if settings.seed is None:
-            settings.seed = int(preset.get("seed", 0))
+        settings = section_settings(cls, preset, "datamodels")
 
         def integer(name, low):
             value = getattr(settings, name)
@@ -255,43 +252,30 @@ class SubsetTrainer:
         self.stop_after, self.progress = stop_after, progress
         self.trained: list[int] = []
         self.failures = 0
-        self.actors: list = []
+        self.actors: ActorSlots | None = None
 
     def _pool(self, n_jobs: int):
         import ray
 
+        from cluster.resources import ACTOR_CPUS, retrain_pool_shape
+
         s = self.settings
-        resources = ray.cluster_resources()
-        gpus = float(resources.get("GPU", 0))
-        share = s.gpus_per_actor
-        if share is None:  # as the support stage: whole GPUs for big models, quarters for small ones
-            from cluster.resources import retrain_gpu_share
-
-            share = 0.0 if gpus == 0 else retrain_gpu_share(self.recipe.model)
+        n, share = retrain_pool_shape(ray.cluster_resources(), self.recipe.model, s.actors, s.gpus_per_actor)
         self.config = self.recipe.train_config("cuda" if share > 0 else "cpu")
-        if s.actors:
-            n = int(s.actors)
-        elif share > 0:
-            n = max(1, int(gpus / share))
-        else:
-            n = max(1, int(resources.get("CPU", 1)))
-        n = max(1, min(n, n_jobs))
         self._refs = (ray.put(self.train), ray.put(self.targets))
-        from cluster.resources import ACTOR_CPUS
-
         self._actor_cls = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=share)(DatamodelWorker)
-        self.actors = [self._new_actor() for _ in range(n)]
-        ray.get([a.ready.remote() for a in self.actors])
+        # slots, as the support stage: an actor lost with its node is replaced, and takes
+        # work only once it is up (a lost node's resources may never come back)
+        self.actors = ActorSlots(self._new_actor, max(1, min(n, n_jobs)), max_failed_starts=s.max_retries)
+        self.actors.wait_ready()
 
     def _new_actor(self):
         return self._actor_cls.remote(asdict(self.config), self._refs[0], self._refs[1], 1, self.fail_once)
 
     def shutdown(self):
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+        if self.actors:
+            self.actors.kill()
+        self.actors = None
 
     def run(self, jobs: list[dict]) -> None:
         """Train every job ({model_id, mask, removed_ids, torch_seed}); results go to the log."""
@@ -309,28 +293,46 @@ class SubsetTrainer:
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
 
         def submit(job, attempt):
-            index = min(range(len(self.actors)), key=lambda i: load[i])
+            usable = self.actors.usable()
+            if not usable:  # a retry while every worker is (re)starting: wait for one
+                retries.append((job, attempt))
+                return
+            index = min(usable, key=lambda i: load[i])
             call = {"model_id": job["model_id"], "removed_ids": job["removed_ids"],
                     "torch_seed": job["torch_seed"], "attempt": attempt}
             pending[self.actors[index].subset_margins.remote(call)] = (job, attempt, index)
             load[index] += 1
 
+        retries: list = []
         try:
-            while queue or pending:
-                while queue and min(load) < s.queue_depth:
+            while queue or pending or retries:
+                self.actors.poll()  # replacements of lost workers that are up take work again
+                if retries and self.actors.usable():
+                    waiting, retries[:] = list(retries), []
+                    for job, attempt in waiting:
+                        submit(job, attempt)
+                while queue and any(load[i] < s.queue_depth for i in self.actors.usable()):
                     submit(queue.pop(), 0)
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=s.flush_seconds)
+                if not pending:  # every worker is (re)starting
+                    self.actors.poll(timeout=None)
+                    continue
+                ready, _ = ray.wait(list(pending) + self.actors.starting_refs(), num_returns=1,
+                                    timeout=s.flush_seconds)
                 if not ready:
                     self.log.flush()
                     continue
                 for ref in ready:
+                    if ref not in pending:
+                        continue  # a replacement worker answered: actors.poll() puts it in service
                     job, attempt, index = pending.pop(ref)
                     load[index] -= 1
                     try:
                         result = ray.get(ref)
-                    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
-                        died = isinstance(error, ray.exceptions.RayActorError)
-                        self._retry(job, attempt, error, submit, replace_actor=index if died else None)
+                    except ray.exceptions.RayActorError as error:
+                        self._retry(job, attempt, error, submit, replace_actor=index)
+                        continue
+                    except ray.exceptions.RayTaskError as error:
+                        self._retry(job, attempt, error, submit)
                         continue
                     if self.stop_after is not None and len(self.trained) >= self.stop_after:
                         raise DriverStopped(f"stopped after {self.stop_after} models (test hook)")
@@ -352,8 +354,8 @@ class SubsetTrainer:
 
     def _retry(self, job, attempt, error, submit, replace_actor=None):
         self.failures += 1
-        if replace_actor is not None:  # the worker died (OOM, node lost): start a fresh one
-            self.actors[replace_actor] = self._new_actor()
+        if replace_actor is not None:  # the worker died (OOM, node lost): replace it once
+            self.actors.lost(replace_actor, error)
         if attempt >= self.settings.max_retries:
             self.log.flush()
             raise RuntimeError(

@@ -36,6 +36,23 @@ def retrain_gpu_share(model: str) -> float:
     return SMALL_MODEL_GPU_SHARE if model in SMALL_RETRAIN_MODELS else LARGE_MODEL_GPU_SHARE
 
 
+def retrain_pool_shape(cluster_resources: dict, model: str, actors: int | None = None,
+                       gpus_per_actor: float | None = None) -> tuple[int, float]:
+    """(actors, GPU share per actor) of a retraining pool (support, datamodels): ``actors``
+    when given, else one per GPU share on a cluster with GPUs, else one per CPU."""
+    gpus = float(cluster_resources.get("GPU", 0))
+    share = gpus_per_actor
+    if share is None:
+        share = 0.0 if gpus == 0 else retrain_gpu_share(model)
+    if actors:
+        n = int(actors)
+    elif share > 0:
+        n = max(1, int(gpus / share))
+    else:
+        n = max(1, int(cluster_resources.get("CPU", 1)))
+    return n, float(share)
+
+
 def embed_actor_options(gpu: bool, threads: int = 1) -> dict:
     """Ray options of one embedding actor: a whole GPU and a CPU, or ``threads`` CPUs."""
     if gpu:

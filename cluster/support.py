@@ -264,25 +264,13 @@ class SupportScheduler:
     def _pool(self):
         import ray
 
-        s = self.settings
-        resources = ray.cluster_resources()
-        gpus = float(resources.get("GPU", 0))
-        gpu_share = s.gpus_per_actor
-        if gpu_share is None:
-            from cluster.resources import retrain_gpu_share
+        from cluster.resources import ACTOR_CPUS, retrain_pool_shape
 
-            gpu_share = 0.0 if gpus == 0 else retrain_gpu_share(s.model)
-        device = "cuda" if gpu_share > 0 else "cpu"
-        self.config = s.train_config(device)
-        if s.actors:
-            n = int(s.actors)
-        elif gpu_share > 0:
-            n = max(1, int(gpus / gpu_share))
-        else:
-            n = max(1, int(resources.get("CPU", 1)))
+        s = self.settings
+        n, gpu_share = retrain_pool_shape(ray.cluster_resources(), s.model, s.actors, s.gpus_per_actor)
+        self.config = s.train_config("cuda" if gpu_share > 0 else "cpu")
         if self._refs is None:  # the arrays go to the object store once; every actor maps them
             self._refs = (ray.put(self.train), ray.put(self.targets))
-        from cluster.resources import ACTOR_CPUS
 
         self._actor_cls = ray.remote(num_cpus=ACTOR_CPUS, num_gpus=gpu_share)(RetrainWorker)
         # slots: an actor lost with its node is replaced, and takes work once it is up

@@ -34,6 +34,8 @@ Preset section ``[trak]``: see :class:`TrakSettings`.
 
 from __future__ import annotations
 
+from attribution.presets import section_settings
+
 from attribution.experiment import settings_differences
 from attribution.ranking import ranked_targets
 
@@ -43,7 +45,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +83,7 @@ class TrakSettings:
     def from_preset(cls, preset: dict) -> "TrakSettings":
         from cluster.ranking import rank_settings
 
-        section = dict(preset.get("trak") or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown [trak] setting(s) {unknown}; known: {sorted(known)}")
-        settings = cls(**section)
-        if settings.seed is None:
-            settings.seed = int(preset.get("seed", 0))
+        settings = section_settings(cls, preset, "trak")
         if settings.top_k is None:
             settings.top_k = int(rank_settings(preset)["top_k"])
         for name, low in (("checkpoints", 1), ("proj_dim", 1), ("top_k", 1), ("batch_size", 1),

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-
-from attribution.presets import load_preset, parse_override
+from cluster.commands import run_baseline_stage
 
 
 def run(args) -> int:
-    from attribution.experiment import Experiment
     from cluster.datamodels import run_datamodels_stage
-    from cluster.storage import ExperimentStorage
 
-    preset = load_preset(args.preset, dict(parse_override(o) for o in args.overrides))
-    storage = ExperimentStorage(args.exp)
-    storage.pull()  # a URI experiment: work on a local copy, resume from what is stored
-    exp = Experiment(storage.local)
-    if not exp.rankings.exists():
-        raise SystemExit(f"{exp.rankings} does not exist: run 'attribution rank --exp {args.exp}' "
-                         "(or 'attribution run PRESET') first; datamodels attributes the rank stage's targets")
-    try:
-        summary = run_datamodels_stage(exp, preset, args.address)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    storage.push()
-    print(f"datamodels: {storage.local / 'datamodels'} (LDS models: {storage.local / 'lds'})")
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
-    return 0
+    return run_baseline_stage(args, "datamodels", run_datamodels_stage,
+                              "{root}/datamodels (LDS models: {root}/lds)")
 
 
 def register(subparsers):
