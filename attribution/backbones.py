@@ -66,6 +66,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from attribution.artifacts import write_torch
+
 RESNETS = ("resnet18", "resnet50")
 BACKBONES = RESNETS + ("efficientnet_lite0",)
 NORMALIZATIONS = ("dataset", "imagenet")
@@ -440,18 +442,13 @@ def save_backbone_checkpoint(model: FeatureExtractor, path: str | os.PathLike, *
     ``extra`` (plain values: str/int/float/bool/None, lists and dicts of them) is stored
     alongside, e.g. the pretraining settings and their hash.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     spec = replace(model.spec, checkpoint=None).to_dict()
     spec.pop("checkpoint")
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "spec": spec,
                "dim": int(model.dim),
                "trunk": {k: v.detach().cpu().clone() for k, v in model.trunk.state_dict().items()}}
     payload.update(extra)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # readers see the old file or the complete new one, never half
-    return path
+    return write_torch(payload, path)  # readers see the old file or the complete new one, never half
 
 
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -5,7 +5,8 @@ NAME`` writes runs/PRESET-NAME), so its supports are not in the baseline's repor
 module puts the support summaries of several experiments side by side: one row per
 (experiment, method, mode) with the AUC of the support curve and its bootstrap interval
 over targets, computed exactly as the per-experiment report does
-(:func:`attribution.metrics.support_summary`), plus one figure.
+(:func:`attribution.metrics.support_summary`), plus one figure (drawn with the report's
+figure helpers, :mod:`attribution.plots`; written through :mod:`attribution.artifacts`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy as np
 import pandas as pd
 
 from attribution import metrics as M
+from attribution.artifacts import atomic_path, write_text
 from attribution.experiment import Experiment
-from attribution.report import _colors, _new_figure, _save, _write_text, _md_table
+from attribution.methods import order_methods
+from attribution.plots import markdown_table, method_colors, new_figure, save_figure
 
 
 def experiment_label(exp_dir: str | os.PathLike) -> str:
@@ -56,11 +59,11 @@ def compare_experiments(exp_dirs: Sequence[str | os.PathLike], labels: Sequence[
 
 def plot_comparison(table: pd.DataFrame, path: Path) -> Path:
     """AUC with its interval per (experiment, method), one panel per mode."""
-    modes = [m for m in M.MODES if m in set(table["mode"])] or sorted(table["mode"].unique())
-    methods = M.order_methods(table["method"].unique())
+    modes = M.modes_of(table)
+    methods = order_methods(table["method"].unique())
     experiments = list(dict.fromkeys(table["experiment"]))
-    colors = _colors(methods)
-    fig = _new_figure(max(5.0, 1.2 * len(experiments) * len(modes) + 2), 4.0)
+    colors = method_colors(methods)
+    fig = new_figure(max(5.0, 1.2 * len(experiments) * len(modes) + 2), 4.0)
     axes = np.atleast_1d(fig.subplots(1, len(modes), sharey=True))
     width = 0.8 / max(1, len(methods))
     for ax, mode in zip(axes, modes):
@@ -78,7 +81,7 @@ def plot_comparison(table: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("normalised AUC of the support curve")
     axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_comparison(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
@@ -88,9 +91,8 @@ def write_comparison(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     table = compare_experiments(exp_dirs, labels, **kwargs)
     csv_path = out / "comparison.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, csv_path)
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
     png = plot_comparison(table, out / "comparison.png")
     shown = table[["experiment", "method", "mode", "n_targets", "n_found", "median_support", "auc",
                    "auc_low", "auc_high", "limit"]].copy()
@@ -103,7 +105,7 @@ def write_comparison(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
     if table["limit"].nunique() > 1:
         lines += ["", "Note: the experiments tried different largest k (`limit`), so their AUCs are on "
                       "different scales."]
-    lines += ["", *_md_table(shown), "", f"![AUC per experiment]({png.name})", ""]
+    lines += ["", *markdown_table(shown), "", f"![AUC per experiment]({png.name})", ""]
     md_path = out / "comparison.md"
-    _write_text(md_path, "\n".join(lines))
+    write_text(md_path, "\n".join(lines))
     return md_path, csv_path

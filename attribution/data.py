@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from attribution.artifacts import atomic_path, write_text
+
 SPLITS = ("train", "test")
 DATASETS = ("fashion-mnist", "cifar10", "imagenet")
 
@@ -232,13 +234,11 @@ def _idx_memmap(gz_path: Path, cache: Path) -> np.ndarray:
     stamp_file = target.with_suffix(".stamp")
     if not (target.exists() and stamp_file.exists() and stamp_file.read_text() == stamp):
         read_idx(gz_path)  # validates the header and length before anything is cached
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         opener = gzip.open if gz_path.name.endswith(".gz") else open
-        with opener(gz_path, "rb") as source, open(tmp, "wb") as out:
+        # a reader never sees a half-written cache file
+        with atomic_path(target) as tmp, opener(gz_path, "rb") as source, open(tmp, "wb") as out:
             shutil.copyfileobj(source, out)
-        os.replace(tmp, target)  # a reader never sees a half-written cache file
-        stamp_file.write_text(stamp)
+        write_text(stamp_file, stamp)
     with open(target, "rb") as handle:
         header = handle.read(4)
         ndim = header[3]

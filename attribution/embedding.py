@@ -1,8 +1,11 @@
 """Embeddings of a dataset's splits, stored as a sharded Parquet dataset.
 
-Plain Python (no Ray): the schema, the reader, shard planning, single-process
-extraction, the shard writer, the manifest and the resume / exactly-once checks.
-:mod:`cluster.embedding` runs the same shards on a Ray actor pool.
+Plain Python (no Ray): the schema, the reader, shard planning, the worker that embeds
+one shard, and the plan / run of a whole embedding on any
+:class:`attribution.workqueue.Runtime` (an in-process one, or Ray's from
+``cluster.runtime``). The embed stage (:mod:`attribution.stages.embed`) and
+:func:`embed_datasets` both go through :func:`plan_embedding` and :func:`run_embedding`:
+there is one extraction path.
 
 Layout (``EXP/embeddings/``)::
 
@@ -26,31 +29,44 @@ Parquet schema (:func:`embedding_schema`)::
      "splits": {"train": {"dataset": DatasetSpec dict, "rows": n, "shard_size": s,
                           "complete": bool, "shards": [{"file", "start", "stop", "rows"}, ...]}}}
 
-A shard file is written atomically (temp file + rename), so a file that exists is
-complete; resume skips shards whose file exists with the planned row count and id range
-(read from the Parquet footer, not the data) and recomputes the rest. A split is marked
+Work unit: a planned shard (fixed position range -> one Parquet file). Why a work queue
+of shards and not Ray Data ``map_batches``: resume is "skip finished files" only if a
+file can be mapped back to the plan, and Ray Data re-blocks rows and names its files
+itself. Images never travel: a worker gets (DatasetSpec, Shard), reads the pixels itself
+batch by batch (a memory map for Fashion-MNIST / CIFAR, decoded files for ImageNet) and
+returns the shard's Arrow table; the driver writes it atomically
+(:func:`attribution.artifacts.write_table`), so a file that exists is complete, and the
+workers need no access to the experiment directory (which may be a staging copy of a
+URI on the driver's machine). The dataset itself must be readable on every node.
+
+Resume skips shards whose file exists with the planned row count and id range (read
+from the Parquet footer, not the data) and recomputes the rest. A split is marked
 ``complete`` only after every id of the split was found exactly once.
 
 Random-init ablation: with no checkpoint, the backbone's weights come from
 ``torch.manual_seed(seed)`` set right before :func:`attribution.backbones.load_backbone`,
-so every process (each Ray actor, a rerun, another machine) builds the identical network
+so every process (each worker, a rerun, another machine) builds the identical network
 and shards computed by different processes belong to one embedding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attribution.data import DatasetSpec, ImageSet
-from attribution.experiment import Experiment, file_sha256, write_json_atomic, write_table_atomic
+from attribution.artifacts import SettingsChanged, differences, file_sha256, write_bytes, write_json, write_table
+from attribution.data import DatasetSpec, ImageSet, cache_dir
+from attribution.experiment import Experiment
+from attribution.workqueue import PoolRequest, QueueWorker, Runtime
 
 FORMAT = "image-attribution/embeddings"
 VERSION = 1
@@ -58,14 +74,19 @@ MANIFEST_NAME = "_manifest.json"
 DTYPES = ("float32", "float16")
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_BATCH_SIZE = 256
+# One shard per worker at a time: the driver's round trip between shards is milliseconds
+# against seconds per shard, and queueing a second shard on a busy worker would leave
+# the others idle at the end of the run (up to a shard of imbalance each).
+IN_FLIGHT_PER_WORKER = 1
 
 
 class EmbeddingError(ValueError):
     """Embeddings cannot be written or read; the message names the fix."""
 
 
-class EmbeddingManifestMismatch(EmbeddingError):
-    """EXP/embeddings was written with other settings than the ones requested now."""
+class EmbeddingManifestMismatch(EmbeddingError, SettingsChanged):
+    """EXP/embeddings was written with other settings than the ones requested now
+    (a :class:`attribution.artifacts.SettingsChanged`: ``key: old -> new`` per difference)."""
 
 
 class IncompleteEmbeddingError(EmbeddingError):
@@ -173,7 +194,7 @@ def load_embeddings(exp_or_dir: Experiment | str | os.PathLike, split: str) -> E
         _check_schema(table.schema, dim, path)
         ids.append(table.column("id").to_numpy())
         labels.append(table.column("label").to_numpy())
-        features.append(_embedding_matrix(table.column("embedding"), dim))
+        features.append(embedding_matrix(table.column("embedding"), dim))
     ids_all = np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
     labels_all = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
     features_all = np.concatenate(features) if features else np.zeros((0, dim), np.float32)
@@ -186,7 +207,7 @@ def load_embeddings(exp_or_dir: Experiment | str | os.PathLike, split: str) -> E
     return EmbeddingTable(ids_all, labels_all, np.ascontiguousarray(features_all, dtype=np.float32), split)
 
 
-def _embedding_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+def embedding_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
     """fixed_size_list column -> (n, dim) float32 without a Python loop."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     values = array.flatten().to_numpy(zero_copy_only=False)
@@ -288,14 +309,6 @@ def shard_table(split: str, ids: np.ndarray, labels: np.ndarray, features: np.nd
         schema=embedding_schema(dim, dtype))
 
 
-def write_shard(folder: str | os.PathLike, shard: Shard, ids: np.ndarray, labels: np.ndarray,
-                features: np.ndarray, dtype: str = "float32") -> Path:
-    """Write one shard file atomically (it appears complete or not at all)."""
-    path = Path(folder) / shard.file
-    write_table_atomic(shard_table(shard.split, ids, labels, features, dtype), path)
-    return path
-
-
 # ----------------------------------------------------------------------------- extraction
 
 
@@ -336,13 +349,75 @@ def extract(model, image_set: ImageSet, positions: Sequence[int] | np.ndarray,
     return out
 
 
-def embed_shard(model, image_set: ImageSet, shard: Shard, folder: str | os.PathLike,
-                batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32") -> int:
-    """Extract and write one shard; returns its row count."""
-    features = extract(model, image_set, shard.positions, batch_size)
-    write_shard(folder, shard, image_set.ids[shard.start:shard.stop],
-                image_set.labels[shard.start:shard.stop], features, dtype)
-    return shard.rows
+# ----------------------------------------------------------------------------- the worker
+
+
+class Embedder(QueueWorker):
+    """Embeds one shard per call: ``Embedder(...)((dataset_spec, shard)) -> Arrow table``.
+
+    Built once per worker: the model (``torch.manual_seed(seed)`` right before
+    ``load_backbone``, so random-init workers all hold the same network) and the opened
+    image sets. ``threads`` sets torch's thread count (a pool worker owns exactly its
+    CPUs; None / 0: leave torch's setting, for a worker in the driver's process).
+
+    Checkpoint: ``checkpoint_sha256`` is the driver's file's hash. A worker whose node has
+    that file at ``backbone_spec.checkpoint`` uses it; otherwise it writes
+    ``checkpoint_bytes`` (shipped once by the runtime) to a content-addressed local copy
+    (:func:`local_checkpoint`); without bytes, a missing or different file is refused.
+    """
+
+    def __init__(self, backbone_spec, seed: int, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32",
+                 checkpoint_sha256: str | None = None, threads: int | None = None, device: str | None = None,
+                 checkpoint_bytes: bytes | None = None):
+        import torch
+
+        backbone_spec = worker_checkpoint(backbone_spec, checkpoint_sha256, checkpoint_bytes)
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.batch_size, self.dtype = int(batch_size), dtype
+        self.model = build_model(backbone_spec, seed, device)
+        self._sets: dict[DatasetSpec, ImageSet] = {}
+
+    def image_set(self, dataset_spec: DatasetSpec) -> ImageSet:
+        if dataset_spec not in self._sets:  # a memory map or a file list: cheap to keep
+            self._sets[dataset_spec] = dataset_spec.load()
+        return self._sets[dataset_spec]
+
+    def __call__(self, item: tuple[DatasetSpec, "Shard"]) -> pa.Table:
+        dataset_spec, shard = item
+        image_set = self.image_set(dataset_spec)
+        features = extract(self.model, image_set, shard.positions, self.batch_size)
+        return shard_table(shard.split, image_set.ids[shard.start:shard.stop],
+                           image_set.labels[shard.start:shard.stop], features, self.dtype)
+
+
+def worker_checkpoint(backbone_spec, sha256: str | None, data: bytes | None = None):
+    """``backbone_spec`` with a checkpoint path that holds the file of hash ``sha256`` on
+    this node (unchanged when its own path does; a local copy of ``data`` otherwise)."""
+    if sha256 is None:
+        return backbone_spec
+    path = Path(backbone_spec.checkpoint)
+    seen = file_sha256(path) if path.exists() else None
+    if seen == sha256:
+        return backbone_spec
+    if data is None:
+        found = f"has sha256 {seen[:12]}..." if seen else "does not exist"
+        raise EmbeddingError(
+            f"checkpoint {path} on this node {found} but the driver's has {sha256[:12]}...: put the same file "
+            "at the same path on every node")
+    return replace(backbone_spec, checkpoint=str(local_checkpoint(data, sha256)))
+
+
+def local_checkpoint(data: bytes, sha256: str) -> Path:
+    """The checkpoint ``data`` as a file in this node's cache, named by its hash (written once)."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise EmbeddingError(f"the checkpoint bytes shipped to this worker do not have sha256 {sha256[:12]}...")
+    path = cache_dir() / "checkpoints" / f"{sha256}.pt"
+    if not (path.exists() and file_sha256(path) == sha256):
+        write_bytes(path, data)
+    return path
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -366,7 +441,9 @@ def dataset_record(spec: DatasetSpec) -> dict:
     return record
 
 
-_DATASET_COMPARED = ("name", "split", "n_per_class", "seed")
+# what must agree between a stored manifest / split entry and the requested one
+MANIFEST_COMPARED = ("version", "checkpoint_sha256", "seed", "dim", "dtype", "backbone")
+DATASET_COMPARED = ("name", "split", "n_per_class", "seed")
 
 
 def new_manifest(backbone_spec, checkpoint_sha256: str | None, dim: int, dtype: str, seed: int) -> dict:
@@ -379,71 +456,91 @@ def new_manifest(backbone_spec, checkpoint_sha256: str | None, dim: int, dtype: 
             "dim": int(dim), "dtype": dtype, "splits": {}}
 
 
-def _differences(old: Mapping, new: Mapping, keys: Iterable[str]) -> list[str]:
-    return [f"{key}: existing {old.get(key)!r} vs requested {new.get(key)!r}"
-            for key in keys if old.get(key) != new.get(key)]
+def _mismatch_fix(folder: Path) -> str:
+    return f"Use a new experiment directory, or pass --overwrite to delete {folder} and recompute."
 
 
-def open_manifest(folder: str | os.PathLike, wanted: dict, overwrite: bool = False) -> dict:
-    """Return the manifest to continue with: the existing one if it agrees with
-    ``wanted`` (from :func:`new_manifest`), else raise :class:`EmbeddingManifestMismatch`.
-
-    ``overwrite=True`` deletes the whole embeddings folder first. Nothing is written
-    when the settings disagree."""
-    folder = Path(folder)
-    if overwrite and folder.exists():
-        shutil.rmtree(folder)
-    existing = read_manifest(folder) if (folder / MANIFEST_NAME).exists() else None
-    if existing is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / MANIFEST_NAME, wanted)
-        return wanted
-    differ = _differences(existing, wanted, ("version", "checkpoint_sha256", "seed", "dim", "dtype"))
-    old_backbone, new_backbone = existing.get("backbone", {}), wanted["backbone"]
-    differ += [f"backbone.{d}" for d in _differences(old_backbone, new_backbone,
-                                                        sorted(set(old_backbone) | set(new_backbone)))]
-    if differ:
-        raise EmbeddingManifestMismatch(
-            f"{folder} already holds embeddings made with other settings:\n  " + "\n  ".join(differ)
-            + f"\nUse a new experiment directory, or pass --overwrite to delete {folder} and recompute.")
-    existing["checkpoint"] = wanted["checkpoint"]  # the path may move; the hash is what must match
-    return existing
+def check_manifest(folder: str | os.PathLike, existing: Mapping, wanted: Mapping) -> None:
+    """Raise :class:`EmbeddingManifestMismatch` unless the stored manifest ``existing``
+    was made with the backbone, checkpoint, seed, dim and dtype of ``wanted``."""
+    changes = differences({k: existing.get(k) for k in MANIFEST_COMPARED},
+                          {k: wanted.get(k) for k in MANIFEST_COMPARED})
+    if changes:
+        raise EmbeddingManifestMismatch(f"the embeddings in {folder}", changes, _mismatch_fix(Path(folder)))
 
 
-def plan_split(folder: str | os.PathLike, manifest: dict, dataset_spec: DatasetSpec, image_set: ImageSet,
-               shard_size: int) -> tuple[list[Shard], list[Shard]]:
-    """Plan a split's shards, record the plan in the manifest (split not complete), and
-    return (all shards, shards still to compute).
+def checkpoint_hash(spec) -> str | None:
+    return file_sha256(spec.checkpoint) if spec.checkpoint else None
 
-    A split already recorded with another dataset spec is an error (other ids); with
-    another shard_size its old shard files are deleted (their ranges no longer line up)."""
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class SplitPlan:
+    """One split of an :class:`EmbeddingPlan`: its shards, those still to compute, the
+    manifest entry to record, and the files of an older plan to delete first."""
+
+    spec: DatasetSpec
+    image_set: ImageSet
+    shards: list[Shard]
+    pending: list[Shard]
+    entry: dict
+    stale: list[str] = field(default_factory=list)
+
+    @property
+    def split(self) -> str:
+        return self.spec.split
+
+
+@dataclass
+class EmbeddingPlan:
+    """Everything :func:`run_embedding` needs; made by :func:`plan_embedding`, which
+    reads and checks but writes nothing."""
+
+    folder: Path
+    backbone_spec: Any
+    seed: int
+    batch_size: int
+    dtype: str
+    dim: int
+    checkpoint_sha256: str | None
+    manifest: dict
+    splits: list[SplitPlan]
+    overwrite: bool = False
+
+    @property
+    def work(self) -> list[tuple[DatasetSpec, Shard]]:
+        """(dataset spec, shard) of every shard still to compute, split by split."""
+        return [(split.spec, shard) for split in self.splits for shard in split.pending]
+
+    @property
+    def done(self) -> list[Shard]:
+        return [shard for split in self.splits for shard in split.shards if shard not in split.pending]
+
+
+def plan_split(folder: str | os.PathLike, manifest: Mapping | None, dataset_spec: DatasetSpec,
+               image_set: ImageSet, shard_size: int) -> SplitPlan:
+    """Plan a split's shards against the stored ``manifest`` (None: nothing stored).
+
+    A split already recorded with another dataset selection is refused (other ids); one
+    recorded with another shard_size is recomputed (its old files no longer line up)."""
     folder = Path(folder)
     split = dataset_spec.split
     shards = plan_shards(len(image_set), shard_size, split)
     record = dataset_record(dataset_spec)
-    entry = manifest["splits"].get(split)
+    entry = (manifest or {}).get("splits", {}).get(split)
+    stale: list[str] = []
     if entry is not None:
-        differ = [f"data.{d}" for d in _differences(entry["dataset"], record, _DATASET_COMPARED)]
-        if differ:
-            raise EmbeddingManifestMismatch(
-                f"{folder} already holds {split!r} embeddings of another dataset selection:\n  "
-                + "\n  ".join(differ)
-                + f"\nUse a new experiment directory, or pass --overwrite to delete {folder} and recompute.")
+        changes = differences({k: entry["dataset"].get(k) for k in DATASET_COMPARED},
+                              {k: record[k] for k in DATASET_COMPARED}, prefix="data.")
+        if changes:
+            raise EmbeddingManifestMismatch(f"the {split!r} embeddings in {folder}", changes, _mismatch_fix(folder))
         if int(entry.get("shard_size", -1)) != int(shard_size):
-            for old in entry.get("shards", []):
-                (folder / old["file"]).unlink(missing_ok=True)
-    # files of this split that the plan does not list (an older, larger plan) would be
-    # harmless to the reader, but are removed so the folder holds one embedding
-    planned = {s.file for s in shards}
-    for path in folder.glob(f"{split}-*.parquet"):
-        if path.name not in planned:
-            path.unlink()
-    # temp files of writers killed mid-write (one embed run per experiment at a time is
-    # assumed, so none of them belongs to a live writer)
-    for path in folder.glob(f".{split}-*.parquet.*.tmp"):
-        path.unlink(missing_ok=True)
-    dim = int(manifest["dim"])
-    pending = [s for s in shards if not shard_is_done(folder, s, image_set, dim)]
+            stale = [old["file"] for old in entry.get("shards", [])]
+    dim = int(manifest["dim"]) if manifest else None
+    pending = [s for s in shards if s.file in stale or manifest is None
+               or not shard_is_done(folder, s, image_set, dim)]
     new_entry = {"dataset": record, "rows": len(image_set), "shard_size": int(shard_size),
                  "complete": False, "shards": [s.to_dict() for s in shards]}
     # A rerun over a finished split keeps it readable (complete) throughout, so a reader
@@ -451,9 +548,59 @@ def plan_split(folder: str | os.PathLike, manifest: dict, dataset_spec: DatasetS
     if entry is not None and not pending and entry.get("complete") and \
             {k: v for k, v in entry.items() if k != "complete"} == {k: v for k, v in new_entry.items() if k != "complete"}:
         new_entry["complete"] = True
-    manifest["splits"][split] = new_entry
-    write_json_atomic(folder / MANIFEST_NAME, manifest)
-    return shards, pending
+    return SplitPlan(dataset_spec, image_set, shards, pending, new_entry, stale)
+
+
+def plan_embedding(folder: str | os.PathLike, dataset_specs: Sequence[DatasetSpec], backbone_spec, *,
+                   seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE, shard_size: int = DEFAULT_SHARD_SIZE,
+                   dtype: str = "float32", overwrite: bool = False,
+                   image_sets: Mapping[str, ImageSet] | None = None) -> EmbeddingPlan:
+    """Check the inputs and decide which shards to compute; writes nothing.
+
+    The inputs are checked first, so that a bad data root or checkpoint stops the run
+    before ``overwrite`` deletes anything: every split is loaded (``image_sets``: already
+    loaded ones, by split name) and the model is built once (it gives the dim and fails
+    on a bad checkpoint). Then the stored manifest is compared with the requested
+    settings (:class:`EmbeddingManifestMismatch` unless ``overwrite``, which plans every
+    shard; :func:`run_embedding` deletes the folder first)."""
+    folder = Path(folder)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    image_sets = dict(image_sets or {})
+    for spec in dataset_specs:
+        if spec.split not in image_sets:
+            image_sets[spec.split] = spec.load()
+    dim = build_model(backbone_spec, seed).dim
+    sha = checkpoint_hash(backbone_spec)
+    wanted = new_manifest(backbone_spec, sha, dim, dtype, seed)
+    existing = read_manifest(folder) if not overwrite and (folder / MANIFEST_NAME).exists() else None
+    if existing is not None:
+        check_manifest(folder, existing, wanted)
+        manifest = dict(existing, checkpoint=wanted["checkpoint"])  # the path may move; the hash must match
+    else:
+        manifest = wanted
+    splits = [plan_split(folder, existing, spec, image_sets[spec.split], shard_size) for spec in dataset_specs]
+    return EmbeddingPlan(folder, backbone_spec, int(seed), int(batch_size), dtype, dim, sha, manifest, splits,
+                         overwrite)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def record_split(folder: Path, split: SplitPlan) -> None:
+    """Remove what does not belong to the split's plan: an older plan's shard files and
+    temporary files of writers killed mid-write (one embed run per experiment at a time
+    is assumed, so none of them belongs to a live writer)."""
+    planned = {s.file for s in split.shards}
+    for name in split.stale:
+        (folder / name).unlink(missing_ok=True)
+    # files the plan does not list would be harmless to the reader, but are removed so
+    # the folder holds one embedding
+    for path in folder.glob(f"{split.split}-*.parquet"):
+        if path.name not in planned:
+            path.unlink()
+    for path in folder.glob(f".{split.split}-*.parquet.*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def finalize_split(folder: str | os.PathLike, manifest: dict, image_set: ImageSet) -> dict:
@@ -479,48 +626,98 @@ def finalize_split(folder: str | os.PathLike, manifest: dict, image_set: ImageSe
             f"{split!r} embeddings in {folder} do not hold every id exactly once: missing {missing}, "
             f"unexpected {extra}, repeated {repeated}. Rerun with --overwrite.")
     entry["complete"] = True
-    write_json_atomic(folder / MANIFEST_NAME, manifest)
+    write_json(folder / MANIFEST_NAME, manifest)
     return entry
 
 
-def checkpoint_hash(spec) -> str | None:
-    return file_sha256(spec.checkpoint) if spec.checkpoint else None
+def shard_key(item: tuple[DatasetSpec, Shard]) -> str:
+    """How a work item is named in messages (and selected by tests' fault injection)."""
+    return item[1].file
 
 
-# ----------------------------------------------------------------------------- single process
+def run_embedding(plan: EmbeddingPlan, runtime: Runtime, *, actors: int | None = None,
+                  threads: int | None = None, progress: bool = True) -> dict:
+    """Compute the plan's pending shards on ``runtime``'s "embed" pool and write them.
+
+    The manifest records the plan first (the splits incomplete), each shard's table is
+    written atomically by this process as it arrives, and a split is marked complete
+    after its ids were checked, so an interrupted run leaves finished shards that a
+    rerun skips. ``actors``: pool size (None: the resources module's choice);
+    ``threads``: torch threads (and CPUs) per worker.
+
+    Returns ``splits`` (per split: rows, shards, computed, complete), ``dim``, ``dtype``,
+    ``path``, ``actors``, ``workers`` (worker name -> shards it embedded), ``requeued``
+    (shards put back after a lost worker), ``retried``, ``seconds``, ``images_per_s``.
+    """
+    start = time.perf_counter()
+    folder = plan.folder
+    if plan.overwrite and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in plan.splits:
+        record_split(folder, split)
+        plan.manifest["splits"][split.split] = split.entry
+    write_json(folder / MANIFEST_NAME, plan.manifest)
+
+    summary = {s.split: {"rows": len(s.image_set), "shards": len(s.shards), "computed": 0, "complete": False}
+               for s in plan.splits}
+    work = plan.work
+    workers: dict[str, int] = {}
+    size = requeued = retried = 0
+    if work:
+        request = PoolRequest("embed", actors=actors or None, max_items=len(work), threads=max(1, int(threads or 1)))
+        checkpoint_bytes = Path(plan.backbone_spec.checkpoint).read_bytes() if plan.checkpoint_sha256 else None
+        queue = runtime.queue(request, Embedder, plan.backbone_spec, plan.seed, plan.batch_size, plan.dtype,
+                              plan.checkpoint_sha256, threads, runtime.device(request), checkpoint_bytes,
+                              depth=IN_FLIGHT_PER_WORKER, key=shard_key)
+        total = sum(s["rows"] for s in summary.values())
+        bar = _progress(total, total - sum(shard.rows for _, shard in work), progress)
+        try:
+            with queue:  # closed on any exit: frees the CPUs / GPUs for the next stage
+                size = queue.size
+                for done in queue.map(work):
+                    spec, shard = done.item
+                    table = done.result
+                    if table.num_rows != shard.rows:
+                        raise EmbeddingError(f"shard {shard.file} came back with {table.num_rows} rows, "
+                                             f"planned {shard.rows}")
+                    write_table(table, folder / shard.file)
+                    summary[spec.split]["computed"] += 1
+                    workers[done.worker] = workers.get(done.worker, 0) + 1
+                    bar.update(shard.rows)
+                requeued, retried = queue.requeued, queue.retried
+        finally:
+            bar.close()
+    for split in plan.splits:
+        finalize_split(folder, plan.manifest, split.image_set)
+        summary[split.split]["complete"] = True
+    seconds = time.perf_counter() - start
+    computed_rows = sum(shard.rows for _, shard in work)
+    return {"splits": summary, "dim": plan.dim, "dtype": plan.dtype, "path": str(folder), "actors": size,
+            "workers": workers, "requeued": requeued, "retried": retried, "seconds": round(seconds, 2),
+            "images_per_s": round(computed_rows / seconds, 1) if computed_rows else None}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="embed", disable=not enabled,
+                mininterval=1.0, dynamic_ncols=True)
 
 
 def embed_datasets(folder: str | os.PathLike, dataset_specs: Sequence[DatasetSpec], backbone_spec, *,
                    seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE, shard_size: int = DEFAULT_SHARD_SIZE,
-                   dtype: str = "float32", overwrite: bool = False, device: str | None = None,
-                   stop_after_shards: int | None = None,
-                   on_shard: Callable[[Shard, int], None] | None = None) -> dict:
-    """Embed splits in this process (the reference the Ray path must match).
+                   dtype: str = "float32", overwrite: bool = False, runtime: Runtime | None = None,
+                   actors: int | None = None, threads: int | None = None, progress: bool = False) -> dict:
+    """Embed splits into ``folder``: :func:`plan_embedding` then :func:`run_embedding`.
 
-    ``stop_after_shards`` stops after that many shards were written in this call,
-    leaving the split incomplete (used to test resume). Returns a summary per split:
-    rows, shards, computed (shards written by this call), complete.
-    """
-    model = build_model(backbone_spec, seed, device)
-    manifest = open_manifest(folder, new_manifest(backbone_spec, checkpoint_hash(backbone_spec),
-                                                  model.dim, dtype, seed), overwrite)
-    summary: dict[str, Any] = {}
-    written = 0
-    for dataset_spec in dataset_specs:
-        image_set = dataset_spec.load()
-        shards, pending = plan_split(folder, manifest, dataset_spec, image_set, shard_size)
-        computed = 0
-        for shard in pending:
-            if stop_after_shards is not None and written >= stop_after_shards:
-                break
-            rows = embed_shard(model, image_set, shard, folder, batch_size, dtype)
-            written += 1
-            computed += 1
-            if on_shard:
-                on_shard(shard, rows)
-        complete = computed == len(pending)
-        if complete:
-            finalize_split(folder, manifest, image_set)
-        summary[dataset_spec.split] = {"rows": len(image_set), "shards": len(shards), "computed": computed,
-                                       "complete": complete}
-    return summary
+    ``runtime`` defaults to an in-process one on the CPU (one worker in this process,
+    torch's thread setting left as it is unless ``threads``). Returns
+    :func:`run_embedding`'s summary."""
+    if runtime is None:
+        from attribution.workqueue import InProcessRuntime
+
+        runtime = InProcessRuntime()
+    plan = plan_embedding(folder, dataset_specs, backbone_spec, seed=seed, batch_size=batch_size,
+                          shard_size=shard_size, dtype=dtype, overwrite=overwrite)
+    return run_embedding(plan, runtime, actors=actors, threads=threads, progress=progress)

@@ -10,22 +10,19 @@ Layout (``EXP`` is the directory given on the command line)::
     EXP/support.parquet        support per (target, method, mode)
     EXP/report.md, report.html
 
-Writes are atomic (a temporary file renamed into place), so an interrupted stage
-leaves either a complete artifact or none: a later run never mistakes half a file for
-a finished one.
+Writes go through :mod:`attribution.artifacts` (a temporary file renamed into place), so
+an interrupted stage leaves either a complete artifact or none.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from attribution.artifacts import write_json
 
 
 class Experiment:
@@ -59,6 +56,23 @@ class Experiment:
     def support(self) -> Path:
         return self.root / "support.parquet"
 
+    @property
+    def scores(self) -> Path:
+        return self.root / "scores"
+
+    def path(self, artifact: str) -> Path:
+        """Where the named artifact (a key of :data:`ARTIFACTS`) lives in this experiment."""
+        if artifact not in ARTIFACTS:
+            raise KeyError(f"unknown artifact {artifact!r}; known: {sorted(ARTIFACTS)}")
+        return self.root / ARTIFACTS[artifact]
+
+    def has(self, artifact: str) -> bool:
+        """Whether the named artifact exists (a folder counts when it holds a complete file)."""
+        path = self.path(artifact)
+        if path.is_dir():
+            return any(not p.name.startswith(".") for p in path.rglob("*") if p.is_file())
+        return path.exists()
+
     def create(self) -> "Experiment":
         self.root.mkdir(parents=True, exist_ok=True)
         return self
@@ -76,50 +90,23 @@ class Experiment:
         entry.update(fields)
         entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         manifest[stage] = entry
-        write_json_atomic(self.manifest_path, manifest)
+        write_json(self.manifest_path, manifest)
         return entry
 
 
-def settings_differences(stored: dict, current: dict) -> str:
-    """``key: old -> new`` for every key whose value differs (for "changed settings" errors)."""
-    keys = sorted(set(stored) | set(current))
-    diffs = [f"{k}: {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys
-             if stored.get(k) != current.get(k)]
-    return "; ".join(diffs) or "(no difference in the compared keys)"
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write a Parquet file so that it appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def read_dataset(folder: str | os.PathLike, columns: list[str] | None = None, filters=None) -> pa.Table:
-    """Read a Parquet dataset folder, ignoring temporary and hidden files."""
-    import pyarrow.dataset as ds
-
-    folder = Path(folder)
-    files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"no Parquet files in {folder}: run the stage that writes it first")
-    dataset = ds.dataset(files, format="parquet")
-    return dataset.to_table(columns=columns, filter=filters)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# The names the stages' ``reads`` / ``writes`` declare, and where each lives under EXP.
+# One entry per artifact: Experiment.path(name) is the only way stages build these paths.
+ARTIFACTS = {
+    "manifest": "manifest.json",
+    "checkpoint": "checkpoints/moco.pt",
+    "embeddings": "embeddings",
+    "scores": "scores",
+    "rankings": "rankings",
+    "trak": "trak",
+    "datamodels": "datamodels",
+    "lds": "lds",
+    "trainings": "trainings",
+    "support_targets": "support_targets.parquet",
+    "support": "support.parquet",
+    "report": "report.md",
+}

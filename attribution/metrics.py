@@ -11,6 +11,11 @@ pandas frames or numpy arrays and returns numbers. Conventions:
 - Figures that are means over targets come with a seeded percentile bootstrap
   interval over targets (:func:`bootstrap_ci`): the targets are a random sample of the
   test set, and that sampling is the main source of uncertainty in these tables.
+- Methods appear in the method registry's order (:func:`attribution.methods.order_methods`);
+  what a method costs is what its class declares (``cost``, a :class:`CostSpec`).
+
+Adding a metric: one function here (tables in, a DataFrame out) and one section
+function in :mod:`attribution.report` that renders it.
 """
 
 from __future__ import annotations
@@ -25,16 +30,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from attribution.methods import CostSpec, available_methods, method_class, order_methods
+
 NOT_FOUND = -1
 MODES = ("removal", "mislabel")
-# Display order; methods not listed here follow in alphabetical order.
-METHOD_ORDER = ("esvm", "l2", "cosine", "random", "trak", "datamodels")
-
-
-def order_methods(methods: Iterable[str]) -> list[str]:
-    methods = set(methods)
-    known = [m for m in METHOD_ORDER if m in methods]
-    return known + sorted(methods - set(known))
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -114,7 +113,7 @@ def support_curves(support_df: pd.DataFrame, ks) -> pd.DataFrame:
     ks = np.asarray(ks)
     parts = []
     for method in order_methods(support_df["method"].unique()):
-        for mode in _modes(support_df):
+        for mode in modes_of(support_df):
             s = support_df.loc[(support_df["method"] == method) & (support_df["mode"] == mode), "support"]
             if len(s):
                 parts.append(pd.DataFrame({"method": method, "mode": mode, "k": ks,
@@ -185,7 +184,7 @@ def support_summary(support_df: pd.DataFrame, limit: int, *, n_boot: int = 1000,
     _require(support_df, ("target_id", "method", "mode", "support"), "support table")
     rows = []
     for method in order_methods(support_df["method"].unique()):
-        for mode in _modes(support_df):
+        for mode in modes_of(support_df):
             part = support_df[(support_df["method"] == method) & (support_df["mode"] == mode)]
             if part.empty:
                 continue
@@ -233,7 +232,7 @@ def win_rates(support_df: pd.DataFrame, *, methods: Sequence[str] | None = None,
     _require(support_df, ("target_id", "method", "mode", "support"), "support table")
     methods = order_methods(methods or support_df["method"].unique())
     rows = []
-    for mode in _modes(support_df):
+    for mode in modes_of(support_df):
         table = (support_df[support_df["mode"] == mode]
                  .pivot_table(index="target_id", columns="method", values="support", aggfunc="first"))
         for a, b in combinations([m for m in methods if m in table.columns], 2):
@@ -308,7 +307,7 @@ def support_set_jaccard(rankings_df: pd.DataFrame, support_df: pd.DataFrame, *,
     lists = lists if lists is not None else ranked_lists(rankings_df)
     methods = order_methods(methods or support_df["method"].unique())
     rows = []
-    for mode in _modes(support_df):
+    for mode in modes_of(support_df):
         table = (support_df[support_df["mode"] == mode]
                  .pivot_table(index="target_id", columns="method", values="support", aggfunc="first"))
         for a, b in combinations([m for m in methods if m in table.columns], 2):
@@ -498,27 +497,15 @@ def lds_table(rankings_df: pd.DataFrame, data: LDSData, *, methods: Sequence[str
 # ----------------------------------------------------------------------------- costs
 
 
-@dataclass(frozen=True)
-class CostSpec:
-    """What a method needs to produce its attributions: manifest stages (their seconds
-    add up) and paths under EXP (globs; their bytes add up)."""
-
-    stages: tuple[str, ...]
-    paths: tuple[str, ...]
-    note: str = ""
-
-
-_SHARED = "the rank stage's time covers every similarity method it computed"
-DEFAULT_COST_SPECS: dict[str, CostSpec] = {
-    "esvm": CostSpec(("pretrain", "embed", "rank"), ("checkpoints/moco.pt", "embeddings", "rankings/esvm-*.parquet"), _SHARED),
-    "l2": CostSpec(("pretrain", "embed", "rank"), ("checkpoints/moco.pt", "embeddings", "rankings/l2-*.parquet"), _SHARED),
-    "cosine": CostSpec(("pretrain", "embed", "rank"), ("checkpoints/moco.pt", "embeddings", "rankings/cosine-*.parquet"), _SHARED),
-    "random": CostSpec(("rank",), ("rankings/random-*.parquet",), _SHARED),
-    "trak": CostSpec(("trak",), ("trak/checkpoints", "trak/features", "trak/scores", "rankings/trak-*.parquet")),
-    "datamodels": CostSpec(("datamodels",), ("datamodels/models", "datamodels/masks.parquet",
-                                             "datamodels/margins.parquet", "datamodels/regressions",
-                                             "rankings/datamodels-*.parquet")),
-}
+def declared_cost_specs() -> dict[str, CostSpec]:
+    """{method: its class's ``cost``} for every registered method that declares one
+    (a spec with neither stages nor paths declares nothing), in registry order."""
+    specs = {}
+    for name in available_methods():
+        spec = method_class(name).cost
+        if spec is not None and (spec.stages or spec.paths):
+            specs[name] = spec
+    return specs
 
 
 def reuse_state(section: dict) -> str:
@@ -585,9 +572,11 @@ def path_bytes(exp_dir: str | os.PathLike, pattern: str) -> int | None:
 
 
 def cost_specs(manifest: dict, overrides: dict[str, CostSpec] | None = None) -> dict[str, CostSpec]:
-    """Default specs, updated by the manifest's ``cost_specs`` section ({method: {stages, paths}})
-    (so a new producer can declare its cost without a code change), then by ``overrides``."""
-    specs = dict(DEFAULT_COST_SPECS)
+    """The registered methods' declared specs (:func:`declared_cost_specs`), updated by the
+    manifest's ``cost_specs`` section ({method: {stages, paths, note}}: how an experiment
+    costs a method the registry does not know, e.g. one written by another version),
+    then by ``overrides``."""
+    specs = declared_cost_specs()
     for method, entry in (manifest.get("cost_specs") or {}).items():
         if isinstance(entry, dict) and "stages" in entry and "paths" in entry:
             specs[method] = CostSpec(tuple(entry["stages"]), tuple(entry["paths"]), entry.get("note", ""))
@@ -615,7 +604,8 @@ def cost_table(exp_dir: str | os.PathLike, methods: Sequence[str], *, manifest: 
         if spec is None:
             rows.append({"method": method, "seconds": None, "stages": "", "missing_stages": "no cost spec",
                          "storage_bytes": None, "missing_paths": "no cost spec", "complete": False,
-                         "note": "add a cost_specs entry to the manifest"})
+                         "note": (f"{method} declares no cost" if method in available_methods() else
+                                  f"{method} is not a registered method") + ": add a cost_specs entry to the manifest"})
             continue
         seconds, parts, missing = 0.0, [], []
         for stage in spec.stages:
@@ -649,7 +639,8 @@ def _number(value) -> bool:
             and bool(np.isfinite(value)))
 
 
-def _modes(support_df: pd.DataFrame) -> list[str]:
+def modes_of(support_df: pd.DataFrame) -> list[str]:
+    """The support modes present in a support table: removal, mislabel, then any other, sorted."""
     present = set(support_df["mode"].unique())
     return [m for m in MODES if m in present] + sorted(present - set(MODES))
 
@@ -662,9 +653,9 @@ def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
 
 
 __all__ = [
-    "NOT_FOUND", "MODES", "METHOD_ORDER", "order_methods", "bootstrap_ci", "support_curve", "support_curves", "per_target_auc",
+    "NOT_FOUND", "MODES", "modes_of", "bootstrap_ci", "support_curve", "support_curves", "per_target_auc",
     "support_auc", "support_limit", "support_summary", "pairwise_outcomes", "win_rates", "jaccard",
     "ranked_lists", "topk_jaccard", "support_set_jaccard", "LDSResult", "lds", "scores_matrix", "LDSData",
-    "masks_from_long", "load_lds_data", "lds_table", "CostSpec", "DEFAULT_COST_SPECS", "reuse_state", "stage_seconds",
-    "path_bytes", "cost_specs", "cost_table",
+    "masks_from_long", "load_lds_data", "lds_table", "CostSpec", "declared_cost_specs", "reuse_state",
+    "stage_seconds", "path_bytes", "cost_specs", "cost_table",
 ]

@@ -30,13 +30,9 @@ on the machine's speed; the checkpoint records ``stopped_by`` and ``steps``.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import time
-import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +41,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from attribution.backbones import (
-    BackboneSpec,
-    CheckpointError,
-    FeatureExtractor,
-    build_trunk,
-    checkpoint_metadata,
-    save_backbone_checkpoint,
-)
-from attribution.data import ImageSet, load_dataset
-
-CHECKPOINT_NAME = "moco.pt"
-
-
-class PretrainSettingsChanged(RuntimeError):
-    """EXP holds a checkpoint pretrained with other settings than the preset asks for."""
+from attribution.backbones import BackboneSpec, FeatureExtractor, build_trunk, save_backbone_checkpoint
+from attribution.data import ImageSet
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -355,126 +338,3 @@ class MocoPretrainer:
     def _check_fitted(self):
         if not hasattr(self, "encoder_"):
             raise RuntimeError("MocoPretrainer is not fitted: call fit(images) first")
-
-
-# ----------------------------------------------------------------------------- pipeline stage
-
-
-def pretrain_settings(preset: dict, in_channels: int) -> dict[str, Any]:
-    """Resolved settings of the pretrain stage (the hash of this dict names a checkpoint)."""
-    pre, data = dict(preset.get("pretrain", {})), preset.get("data", {})
-    seed = int(pre.get("seed", preset.get("seed", 0)))
-    known = {"backbone", "small_stem", "images", "epochs", "max_steps", "time_budget_s", "batch_size",
-             "queue_size", "temperature", "momentum", "lr", "weight_decay", "hidden_dim", "proj_dim",
-             "min_crop_scale", "shuffle_bn_splits", "warmup_steps", "precision", "seed", "threads"}
-    unknown = sorted(set(pre) - known)
-    if unknown:
-        raise ValueError(f"unknown [pretrain] settings {unknown}; known: {sorted(known)}")
-    images = pre.get("images", "full")
-    if images not in ("full", "subset"):
-        raise ValueError(f"[pretrain] images must be 'full' or 'subset', got {images!r}")
-    return {
-        "backbone": {"name": pre.get("backbone", "resnet18"), "small_stem": bool(pre.get("small_stem", True)),
-                     "in_channels": in_channels},
-        "data": {"dataset": data.get("dataset", "fashion-mnist"), "root": data.get("root", "") or "",
-                 "images": images,
-                 "train_per_class": data.get("train_per_class") if images == "subset" else None,
-                 "seed": int(data.get("seed", preset.get("seed", 0))) if images == "subset" else None},
-        "batch_size": int(pre.get("batch_size", 128)), "queue_size": int(pre.get("queue_size", 4096)),
-        "temperature": float(pre.get("temperature", 0.1)), "momentum": float(pre.get("momentum", 0.99)),
-        "lr": float(pre.get("lr", 0.06)), "weight_decay": float(pre.get("weight_decay", 5e-4)),
-        "epochs": int(pre.get("epochs", 0)), "max_steps": pre.get("max_steps") or None,
-        "time_budget_s": pre.get("time_budget_s") or None,
-        "hidden_dim": int(pre.get("hidden_dim", 512)), "proj_dim": int(pre.get("proj_dim", 128)),
-        "min_crop_scale": float(pre.get("min_crop_scale", 0.25)),
-        "shuffle_bn_splits": int(pre.get("shuffle_bn_splits", 2)), "warmup_steps": int(pre.get("warmup_steps", 10)),
-        "precision": pre.get("precision", "auto"),
-        "seed": seed,
-    }
-
-
-def settings_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def run_pretrain_stage(exp, preset: dict, address: str | None = None, force: bool = False) -> dict:
-    """Pretrain the preset's backbone into ``EXP/checkpoints/moco.pt``, or reuse it.
-
-    Reuse: the checkpoint stores the hash of the resolved settings; a run with the same
-    settings reuses the file (nothing is trained). A checkpoint made with different
-    settings is never silently replaced, because embeddings and rankings already in EXP
-    were computed from it: this raises :class:`PretrainSettingsChanged` listing the
-    differences, unless ``force`` (``attribution pretrain --force``), which moves the old
-    file aside to ``moco-<old hash>.pt`` and retrains. ``address`` is unused (pretraining
-    runs in this process).
-
-    Data: by default (``images = "full"``) the whole training split, labels unused, as the
-    paper pretrains on the full training set; it also keeps the queue free of repeats of
-    the query image (5,000 subset images would recur within a 4,096-key queue). Test
-    images are never used. ``images = "subset"`` pretrains on the attribution subset only.
-    """
-    data_cfg = preset.get("data", {})
-    name, root = data_cfg.get("dataset", "fashion-mnist"), data_cfg.get("root", "") or None
-    pre = preset.get("pretrain", {})
-    if pre.get("images", "full") == "subset":
-        images = load_dataset(name, "train", root=root, n_per_class=data_cfg.get("train_per_class"),
-                              seed=int(data_cfg.get("seed", preset.get("seed", 0))))
-    else:
-        images = load_dataset(name, "train", root=root)
-    settings = pretrain_settings(preset, in_channels=images.image_shape[-1])
-    digest = settings_hash(settings)
-    path = Path(exp.checkpoints) / CHECKPOINT_NAME
-
-    if path.exists():
-        try:
-            stored = checkpoint_metadata(path).get("pretrain", {})
-        except CheckpointError as error:  # e.g. truncated by a disk problem: our own artifact, remake it
-            warnings.warn(f"{path} is unreadable ({error}); pretraining again")
-            stored = None
-        if stored is not None and stored.get("config_hash") == digest:
-            print(f"pretrain: reusing {path} (same settings, hash {digest})", flush=True)
-            summary = {"checkpoint": str(path), "config_hash": digest, "reused": True,
-                       **{k: stored.get(k) for k in ("steps", "seconds", "stopped_by", "final_loss")}}
-            exp.record_stage("pretrain", **summary)
-            return summary
-        if stored is not None:
-            old = stored.get("config_hash", "unknown")
-            if not force:
-                diff = _differences(stored.get("settings", {}), settings)
-                raise PretrainSettingsChanged(
-                    f"{path} was pretrained with other settings (hash {old}, now {digest}): "
-                    f"{'; '.join(diff[:10]) or 'settings not recorded'}. Embeddings and rankings in this "
-                    "experiment may come from it. Use a new --exp directory, restore the old settings, or "
-                    "rerun with 'attribution pretrain --exp EXP --force' (the old file is kept as "
-                    f"moco-{old}.pt)."
-                )
-            os.replace(path, path.with_name(f"moco-{old}.pt"))
-
-    spec = BackboneSpec(settings["backbone"]["name"], small_stem=settings["backbone"]["small_stem"],
-                        in_channels=settings["backbone"]["in_channels"])
-    pretrainer = MocoPretrainer(
-        spec, batch_size=settings["batch_size"], queue_size=settings["queue_size"],
-        temperature=settings["temperature"], momentum=settings["momentum"], lr=settings["lr"],
-        weight_decay=settings["weight_decay"], epochs=settings["epochs"], max_steps=settings["max_steps"],
-        time_budget_s=settings["time_budget_s"], hidden_dim=settings["hidden_dim"],
-        proj_dim=settings["proj_dim"], min_crop_scale=settings["min_crop_scale"],
-        shuffle_bn_splits=settings["shuffle_bn_splits"], warmup_steps=settings["warmup_steps"],
-        precision=settings["precision"], seed=settings["seed"], num_threads=pre.get("threads"), progress=True)
-    print(f"pretrain: MoCo v2 {spec.name} on {len(images)} {name} train images "
-          f"({settings['data']['images']}), settings hash {digest}", flush=True)
-    pretrainer.fit(images)
-    pretrainer.save(path, pretrain={"config_hash": digest, "settings": settings})
-    summary = {"checkpoint": str(path), "config_hash": digest, "reused": False, **pretrainer.summary()}
-    exp.record_stage("pretrain", spec=replace(spec, checkpoint=str(path)).to_dict(), **summary)
-    return summary

@@ -1,1 +1,1 @@
-"""Presets (benchmarks/presets/*.toml) and performance benchmarks."""
+"""Performance benchmarks (python -m benchmarks.NAME); presets live in attribution/presets/."""

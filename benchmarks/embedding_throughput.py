@@ -1,8 +1,10 @@
 """Embedding throughput: the Ray actor pool vs a plain single-process torch loop.
 
 Both embed the same Fashion-MNIST train images with the same backbone and write the
-same Parquet shards; the plain loop uses every core through torch's intra-op threads
-(``torch.set_num_threads(cpus)``), the Ray pool one single-threaded actor per core.
+same Parquet shards through the one extraction path (:func:`attribution.embedding.embed_datasets`);
+the plain loop runs it on an in-process runtime using every core through torch's
+intra-op threads (``torch.set_num_threads(cpus)``), the Ray pool on
+``cluster.runtime.RayRuntime`` with one single-threaded actor per core.
 Times are wall-clock and include building the model(s) and writing the files, for
 Ray also starting the actors (``ray.init`` itself is excluded: a cluster is up
 already in real use). The goal is Ray >= 0.9x the plain loop.
@@ -45,12 +47,10 @@ def run_plain(spec, backbone, folder, batch_size, shard_size, threads) -> float:
     return time.perf_counter() - start
 
 
-def run_ray(spec, backbone, folder, batch_size, shard_size, actors, threads_per_actor) -> float:
-    from cluster.embedding import embed_on_ray
-
+def run_ray(runtime, spec, backbone, folder, batch_size, shard_size, actors, threads_per_actor) -> float:
     start = time.perf_counter()
-    embed_on_ray(folder, [spec], backbone, seed=0, batch_size=batch_size, shard_size=shard_size,
-                 actors=actors, threads_per_actor=threads_per_actor, overwrite=True, progress=False)
+    emb.embed_datasets(folder, [spec], backbone, seed=0, batch_size=batch_size, shard_size=shard_size,
+                       overwrite=True, runtime=runtime, actors=actors, threads=threads_per_actor)
     return time.perf_counter() - start
 
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--address", default=None, help="Ray address (default: a local Ray with --cpus)")
     args = parser.parse_args(argv)
 
-    from cluster.runtime import ensure_ray
+    from cluster.runtime import RayRuntime
 
     spec = dataset_spec(args.limit)
     n = len(spec.load())
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     print(f"images: {n}  backbone: {backbone.name} small_stem={backbone.small_stem}  batch {args.batch_size}  "
           f"shard {args.shard_size}  cpus {args.cpus}", flush=True)
     print(f"load average before: {os.getloadavg()}", flush=True)
-    ensure_ray(args.address, num_cpus=args.cpus if args.address is None else None)
+    runtime = RayRuntime(args.address, num_cpus=args.cpus if args.address is None else None)
+    runtime.connect()  # outside the timings: a cluster is up already in real use
     work = tempfile.mkdtemp(prefix="embed-bench-")
     plain, ray_times = [], []
     try:
@@ -87,8 +88,8 @@ def main(argv=None) -> int:
                                 args.cpus)
             plain.append(seconds)
             print(f"  plain torch loop ({args.cpus} threads): {seconds:.1f} s = {n / seconds:.1f} img/s", flush=True)
-            seconds = run_ray(spec, backbone, os.path.join(work, "ray"), args.batch_size, args.shard_size,
-                              args.actors or None, args.threads_per_actor)
+            seconds = run_ray(runtime, spec, backbone, os.path.join(work, "ray"), args.batch_size,
+                              args.shard_size, args.actors or None, args.threads_per_actor)
             ray_times.append(seconds)
             print(f"  Ray actor pool: {seconds:.1f} s = {n / seconds:.1f} img/s", flush=True)
         ours = emb.load_embeddings(os.path.join(work, "ray"), "train").features

@@ -76,9 +76,9 @@ def main(argv=None) -> int:
         note = ""
         path = args.checkpoint
         if path is None:
-            from attribution.pretrain import run_pretrain_stage
+            from attribution.stages import parse_settings, stage_class
 
-            summary = run_pretrain_stage(Experiment(args.exp).create(), preset, None)
+            summary = stage_class("pretrain")(Experiment(args.exp).create(), parse_settings(preset))()
             path = summary["checkpoint"]
             note = (f"({'reused' if summary['reused'] else 'trained'}: {summary.get('steps')} steps, "
                     f"{summary.get('seconds')} s, stopped by {summary.get('stopped_by')})")

@@ -99,9 +99,9 @@ def main(argv=None) -> int:
     print()
     print(format_table(projections))
     if args.out:
-        from attribution.experiment import write_json_atomic
+        from attribution.artifacts import write_json
 
-        write_json_atomic(Path(args.out), {"label": BANNER, "inputs": asdict(base),
+        write_json(Path(args.out), {"label": BANNER, "inputs": asdict(base),
                                            "rows": [p.row() for p in projections]})
         print(f"# {BANNER}: written to {args.out}")
     if args.plot:

@@ -27,7 +27,8 @@ import pandas as pd
 import pyarrow as pa
 
 from attribution.data import load_dataset
-from attribution.experiment import Experiment, write_table_atomic
+from attribution.experiment import Experiment
+from attribution.artifacts import write_json, write_table
 from attribution.presets import load_preset
 
 
@@ -54,14 +55,14 @@ def write_pixel_rankings(exp: Experiment, train, n_targets: int, methods=("l2", 
                                         "rank": np.arange(len(order), dtype=np.int32),
                                         "train_id": train.ids[same][order].astype(np.int64),
                                         "score": score[order].astype(np.float32)}))
-        write_table_atomic(pa.Table.from_pandas(pd.concat(frames), preserve_index=False),
-                           exp.rankings / f"{method}.parquet")
+        write_table(pa.Table.from_pandas(pd.concat(frames), preserve_index=False), exp.rankings / f"{method}.parquet")
 
 
 def quickstart_train(preset: dict):
-    data = preset["data"]
-    return load_dataset(data["dataset"], "train", data.get("root") or None, n_per_class=data["train_per_class"],
-                        seed=int(data.get("seed", preset.get("seed", 0))))
+    """The training subset the preset's [data] describes (what the support stage trains on)."""
+    from attribution.settings import DataSettings
+
+    return DataSettings.from_preset(preset).load("train")
 
 
 def prepare(args, preset):
@@ -75,14 +76,15 @@ def prepare(args, preset):
     return work, source
 
 
-def run_variant(work: Path, source: Path, preset: dict, name: str, **support) -> tuple[dict, pd.DataFrame]:
-    from cluster.support import run_support_stage
+def run_variant(work: Path, source: Path, preset: dict, name: str, runtime, **support) -> tuple[dict, pd.DataFrame]:
+    from attribution.stages import parse_settings
+    from attribution.stages.support import SupportStage
 
     exp = Experiment(work / name).create()
     shutil.copytree(source / "rankings", exp.rankings)
     variant = dict(preset, support=dict(preset["support"], **support))
     start = time.perf_counter()
-    summary = run_support_stage(exp, variant, None)
+    summary = SupportStage(exp, parse_settings(variant), runtime)()
     summary["stage_seconds"] = round(time.perf_counter() - start, 1)
     return summary, pd.read_parquet(exp.support)
 
@@ -99,7 +101,7 @@ def replay_savings(reference_exp: Path, reference_table: pd.DataFrame, budget: i
     knew in advance which seeds agree, the bound on any saving at identical outcomes.
     """
     from attribution.bisection import BisectionSearch, run_search
-    from cluster.support import read_trainings
+    from attribution.stages.support import read_trainings
 
     log = read_trainings(reference_exp / "trainings")
     outcomes = {(int(r.target_id), r.method, r.mode, int(r.k), int(r.seed)): (bool(r.correct), float(r.margin))
@@ -129,14 +131,16 @@ def main(argv=None) -> int:
     preset["support"] = dict(preset.get("support", {}), targets=args.targets, budget=args.budget, epochs=args.epochs,
                              methods=[])
     work, source = prepare(args, preset)
-    from cluster.runtime import ensure_ray
+    from cluster.runtime import RayRuntime
 
-    ensure_ray(None)
-    reference, ref_table = run_variant(work, source, preset, "reference", early_decision=False, speculate=False)
+    runtime = RayRuntime()  # one local Ray for the three variants
+    reference, ref_table = run_variant(work, source, preset, "reference", runtime, early_decision=False,
+                                       speculate=False)
     s = preset["support"]
     replayed = replay_savings(work / "reference", ref_table, args.budget, s.get("seeds", 5), s.get("first_seeds", 1))
-    early, early_table = run_variant(work, source, preset, "early", early_decision=True, speculate=False)
-    spec, spec_table = run_variant(work, source, preset, "early_speculate", early_decision=True, speculate=True)
+    early, early_table = run_variant(work, source, preset, "early", runtime, early_decision=True, speculate=False)
+    spec, spec_table = run_variant(work, source, preset, "early_speculate", runtime, early_decision=True,
+                                   speculate=True)
     key = ["target_id", "method", "mode"]
     merged = ref_table[key + ["support", "trainings"]].merge(
         early_table[key + ["support", "trainings"]], on=key, suffixes=("_ref", "_early")).merge(
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
     }
     print(json.dumps(figures, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(figures, indent=2))
+        write_json(args.out, figures)
     if not identical:
         print("MISMATCH: supports differ between schedules\n", merged[merged.support_ref != merged.support_early])
         return 1

@@ -127,12 +127,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    from attribution.experiment import write_json_atomic
+    from attribution.artifacts import write_json
 
     record = measure(args.repeats, args.embed_images, progress=not args.no_progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, record)
+    write_json(out, record)
     print(format_table(record))
     print(f"# written to {out}")
     return 0

@@ -1,9 +1,11 @@
-"""What each stage asks Ray for, per actor: the one place these numbers live.
+"""What every pool asks Ray for, per actor: the one place these numbers live.
 
-The stages (cluster/embedding.py, cluster/support.py) and the job driver
-(cluster/submit.py) take their requests from here, and tests/test_manifests.py checks
-that the worker shapes in docker/*.yaml can host them. Change a number here and the
-manifests' test says which worker group no longer fits.
+Stages describe their pools with :class:`attribution.workqueue.PoolRequest` (a kind:
+embed, rank, retrain, regression); :func:`pool_shape` turns a request into a number of
+actors and their Ray options, for the cluster's resources. The job driver
+(cluster/submit.py) takes its own request from here too, and tests/test_manifests.py
+checks that the worker shapes in docker/*.yaml can host them. Change a number here
+and the manifests' test says which worker group no longer fits.
 """
 
 from __future__ import annotations
@@ -51,6 +53,46 @@ def retrain_pool_shape(cluster_resources: dict, model: str, actors: int | None =
     else:
         n = max(1, int(cluster_resources.get("CPU", 1)))
     return n, float(share)
+
+
+POOL_KINDS = ("embed", "rank", "retrain", "regression")
+
+
+def pool_shape(request, cluster_resources: dict) -> tuple[int, dict]:
+    """(actors, Ray actor options) of a pool: the one sizing rule for every kind.
+
+    embed : one actor per GPU (a whole GPU each) or one per ``threads`` CPUs
+    rank : one actor per GPU (sharing the GPUs evenly) or one per CPU; a mixed cluster's
+        CPU-only nodes are not counted when there are GPUs, since they could never host
+        an actor that asks for a GPU share
+    retrain : one per GPU share of the model (:func:`retrain_gpu_share`) or one per CPU
+    regression : one per CPU, no GPU
+    ``request.actors`` overrides the count; ``request.max_items`` caps it.
+    """
+    kind = request.kind
+    if kind not in POOL_KINDS:
+        raise ValueError(f"unknown pool kind {kind!r}; known: {list(POOL_KINDS)}")
+    cpus = max(1, int(cluster_resources.get("CPU", 1)))
+    gpus = float(cluster_resources.get("GPU", 0))
+    threads = max(1, int(request.threads or 1))
+    if kind == "embed":
+        if gpus > 0:
+            n, options = request.actors or int(gpus), embed_actor_options(gpu=True)
+        else:
+            n, options = request.actors or max(1, cpus // threads), embed_actor_options(gpu=False, threads=threads)
+    elif kind == "rank":
+        n = request.actors or (max(1, int(gpus)) if gpus > 0 else cpus)
+        share = min(1.0, gpus / n) if gpus > 0 else 0.0
+        options = {"num_cpus": ACTOR_CPUS, "num_gpus": share}
+    elif kind == "retrain":
+        n, share = retrain_pool_shape(cluster_resources, request.model or "mlp", request.actors,
+                                      request.gpus_per_actor)
+        options = {"num_cpus": ACTOR_CPUS, "num_gpus": share}
+    else:  # regression
+        n, options = request.actors or cpus, {"num_cpus": ACTOR_CPUS, "num_gpus": 0}
+    if request.max_items is not None:
+        n = min(n, int(request.max_items))
+    return max(1, int(n)), options
 
 
 def embed_actor_options(gpu: bool, threads: int = 1) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from attribution.workqueue import Runtime
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_kwargs):
     """Connect to Ray once per process.
@@ -45,3 +47,44 @@ def cluster_resources() -> dict:
     import ray
 
     return dict(ray.cluster_resources())
+
+
+class RayRuntime(Runtime):
+    """The Ray implementation of :class:`attribution.workqueue.Runtime`.
+
+    Connects on first use (``address=None``: a local Ray owned by this process, see
+    :func:`ensure_ray`), so stages that need no pool never start Ray. Pools are sized by
+    :func:`cluster.resources.pool_shape`; shared constructor arguments go to the object
+    store once and every actor maps the same copy.
+    """
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+        self.address, self.num_cpus = address, num_cpus
+
+    def connect(self):
+        return ensure_ray(self.address, num_cpus=self.num_cpus)
+
+    def resources(self) -> dict:
+        return dict(self.connect().cluster_resources())
+
+    def shape(self, request) -> tuple[int, dict]:
+        from cluster.resources import pool_shape
+
+        return pool_shape(request, self.resources())
+
+    def device(self, request) -> str:
+        _, options = self.shape(request)
+        return "cuda" if options.get("num_gpus") else "cpu"
+
+    def queue(self, request, worker, *args, depth: int = 2, max_retries: int = 2, key=None, **kwargs):
+        from cluster.queue import RayWorkQueue
+        from cluster.workers import on_ray
+
+        ray = self.connect()
+        n, options = self.shape(request)
+        # the actor is replaced by the queue when lost, never restarted by Ray (cluster.workers)
+        remote_cls = ray.remote(max_restarts=0, max_task_retries=0, **options)(on_ray(worker))
+        shared_args = [ray.put(a) for a in args]
+        shared_kwargs = {k: ray.put(v) for k, v in kwargs.items()}
+        return RayWorkQueue(lambda: remote_cls.remote(*shared_args, **shared_kwargs), n, depth=depth,
+                            max_retries=max_retries, key=key)

@@ -23,7 +23,7 @@ def is_uri(location: str) -> bool:
 class ExperimentStorage:
     """Local working directory of an experiment, mirrored to ``location`` when it is a URI."""
 
-    def __init__(self, location: str, staging_root: str | os.PathLike | None = None):
+    def __init__(self, location: str, staging_root: str | os.PathLike | None = None, create: bool = True):
         self.location = str(location)
         if is_uri(self.location):
             import pyarrow.fs as pafs
@@ -42,7 +42,8 @@ class ExperimentStorage:
         else:
             self._fs = self._remote = None
             self.local = Path(self.location)
-        self.local.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.local.mkdir(parents=True, exist_ok=True)
 
     @property
     def remote(self) -> bool:
@@ -54,6 +55,7 @@ class ExperimentStorage:
             return
         import pyarrow.fs as pafs
 
+        self.local.mkdir(parents=True, exist_ok=True)
         info = self._fs.get_file_info(self._remote)
         if info.type == pafs.FileType.NotFound:
             return

@@ -1,7 +1,7 @@
 """Submitting presets to a Ray cluster through the Ray Jobs API.
 
 The job's entrypoint is ``python -m cluster.cli run PRESET --address auto --exp EXP``.
-A preset given by name is looked up on the cluster (benchmarks/presets of the uploaded
+A preset given by name is looked up on the cluster (attribution/presets of the uploaded
 or installed project); a preset given as a local .toml file is shipped by value (its
 text in the job's environment, run by ``python -m cluster.submit``), since the file is
 not on the cluster's disks. With ``ship_project=True`` (default) this project's source

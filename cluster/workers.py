@@ -31,14 +31,22 @@ def worker_name() -> str:
 
         if ray.is_initialized():
             name += f"@{ray.get_runtime_context().get_node_id()[:12]}"
-    except Exception:  # noqa: BLE001 - a name must never fail a training
+    except Exception:  # noqa: BLE001 - a name must never fail a unit of work
         pass
     return name
 
 
-def node_of(worker: str) -> str:
-    """The node part of a :func:`worker_name` (the host name when there is none)."""
-    return worker.rpartition("@")[2] if "@" in worker else worker.split(":")[0]
+def on_ray(worker_cls: type) -> type:
+    """``worker_cls`` (an attribution.workqueue.QueueWorker) answering ``ready()`` with its
+    :func:`worker_name` (``host:pid@node``): the name every result and log row carries."""
+
+    def ready(self) -> str:
+        if not hasattr(self, "_name"):
+            self._name = worker_name()
+        return self._name
+
+    # the same class name: `ray status` and the state API show the stage's worker class
+    return type(worker_cls.__name__, (worker_cls,), {"ready": ready})
 
 
 class ActorSlots:

@@ -1,5 +1,6 @@
-"""Datamodels: seeded alpha-subset masks, the l1 regression on a planted sparse model, and
-the stage on a real local Ray with real Fashion-MNIST images (outputs, resume, retry)."""
+"""Datamodels: seeded alpha-subset masks, the l1 regression on a planted sparse model, the
+"datamodels" method, and the stage with real Fashion-MNIST images on a real local Ray and
+in-process (outputs, resume after a crash, retry of a failed training)."""
 
 import numpy as np
 import pandas as pd
@@ -8,16 +9,24 @@ import pytest
 import torch
 
 from attribution import retrain
+from attribution.artifacts import SettingsChanged, read_dataset, write_table
 from attribution.baselines.datamodels import (
     DatamodelRegression,
-    datamodel_rankings,
     heldout_split,
     margins_from_logits,
     subset_mask,
     subset_masks,
 )
 from attribution.data import load_dataset
-from attribution.experiment import Experiment, read_dataset, write_table_atomic
+from attribution.experiment import Experiment
+from attribution.methods import ScoreBlock, Targets, TrainingData, create_method, method_class
+from attribution.retraining import Recipe
+from attribution.scores import ScoreStore, rank_block
+from attribution.settings import SettingsError
+from attribution.stages import StageInputMissing, parse_settings
+from attribution.stages.datamodels import LDS_MODEL_OFFSET, DatamodelSettings, DatamodelsStage
+from attribution.workqueue import InProcessRuntime, WorkFailed
+from faults import FaultyRuntime, SimulatedCrash  # tests/faults.py: the failure-injection seam
 
 # ----------------------------------------------------------------------------- plain Python
 
@@ -112,22 +121,76 @@ def test_regression_validates_shapes_and_split():
     np.testing.assert_array_equal(heldout_split(30, 0.2, 4)[1], held)
 
 
+def test_the_datamodels_method_scores_are_the_coefficients():
+    masks, margins, _, support = planted()
+    cls = method_class("datamodels")
+    assert cls.stage == "datamodels" and cls.signed and "scores/datamodels" in cls.cost.paths
+    train_ids = np.arange(150, dtype=np.int64) * 3 + 100
+    train_labels = np.arange(150) % 3
+    target_ids, target_labels = np.array([7, 8]), np.array([0, 2])
+    train = TrainingData(train_ids, train_labels, extra={"masks": masks, "margins": margins.astype(np.float32),
+                                                         "target_ids": target_ids})
+    reference = DatamodelRegression(n_alphas=25, eps=1e-4, patience=None, seed=0).fit(masks,
+                                                                                     margins.astype(np.float32))
+    for same_class in (False, True):
+        method = create_method("datamodels", n_alphas=25, eps=1e-4, patience=None, seed=0, same_class=same_class)
+        assert method.class_restricted is same_class and method.settings()["patience"] is None
+        block = method.fit(train).score(Targets(target_ids[::-1], target_labels[::-1]))  # any order of targets
+        assert block.method == "datamodels" and block.values.dtype == np.float32
+        np.testing.assert_array_equal(block.target_ids, [8, 7])
+        np.testing.assert_array_equal(block.values, reference.coef_[::-1].astype(np.float32))
+        np.testing.assert_array_equal(method.summary_["alpha"], reference.alpha_)
+        assert method.summary_["fit_models"] + method.summary_["heldout_models"] == 300
+        if same_class:
+            np.testing.assert_array_equal(block.candidates, target_labels[::-1, None] == train_labels[None, :])
+        else:
+            assert block.candidates is None
+        ranking = rank_block(block, 5).to_pandas()
+        top = ranking[ranking.target_id == 7]["train_id"].to_numpy()
+        if not same_class:
+            positives = [i for i in support[0] if reference.coef_[0, i] > 0]
+            assert set(top[:len(positives)]) == set(train_ids[positives])  # the planted positive images first
+    with pytest.raises(KeyError, match="no margins"):
+        method.score(Targets([9], [0]))
+    with pytest.raises(ValueError, match="masks must be"):
+        create_method("datamodels").fit(TrainingData(train_ids[:10], train_labels[:10], extra=train.extra))
+
+
 def test_rankings_from_coefficients():
-    coef = np.array([[0.0, 2.0, -1.0, 0.5, 0.0], [1.0, 0.0, 0.0, 3.0, 0.0]])
+    """Rankings derived from a coefficient block: ties (the many zeros of a sparse fit) by id;
+    with same_class only the target's class is ranked."""
+    coef = np.array([[0.0, 2.0, -1.0, 0.5, 0.0], [1.0, 0.0, 0.0, 3.0, 0.0]], np.float32)
     train_ids = np.array([10, 11, 12, 13, 14])
     train_labels = np.array([0, 0, 1, 1, 0])
-    table = datamodel_rankings([7, 8], [0, 1], coef, train_ids, train_labels, top_k=3)
-    frame = table.to_pandas()
+    frame = rank_block(ScoreBlock("datamodels", [7, 8], [0, 1], train_ids, coef), 3).to_pandas()
     assert set(frame["method"]) == {"datamodels"}
     assert frame[frame.target_id == 7]["train_id"].tolist() == [11, 13, 10]  # ties (0.0) by id
-    same = datamodel_rankings([7, 8], [0, 1], coef, train_ids, train_labels, top_k=3, same_class=True).to_pandas()
+    candidates = np.array([0, 1])[:, None] == train_labels[None, :]
+    same = rank_block(ScoreBlock("datamodels", [7, 8], [0, 1], train_ids, coef, candidates), 3).to_pandas()
     assert same[same.target_id == 7]["train_id"].tolist() == [11, 10, 14]
     assert same[same.target_id == 8]["train_id"].tolist() == [13, 12]
-    with pytest.raises(ValueError, match="coef must be"):
-        datamodel_rankings([7], [0], coef, train_ids, train_labels, top_k=3)
 
 
-# ----------------------------------------------------------------------------- the stage on Ray
+def test_settings_are_validated_by_name():
+    with pytest.raises(SettingsError, match=r"unknown \[datamodels\] setting"):
+        DatamodelSettings.from_preset({"datamodels": {"modles": 3}})
+    with pytest.raises(SettingsError, match="heldout"):
+        DatamodelSettings.from_preset({"datamodels": {"models": 5}})
+    with pytest.raises(SettingsError, match="lds_models"):
+        DatamodelSettings.from_preset({"datamodels": {"lds_models": 2}})
+    with pytest.raises(SettingsError, match=r"datamodels.alpha must be in \(0.0, 1.0\)"):
+        DatamodelSettings.from_preset({"datamodels": {"alpha": 1.0}})
+    with pytest.raises(SettingsError, match="datamodels.max_retries must be >= 0"):
+        parse_settings({"datamodels": {"max_retries": -1}})  # refused when the whole preset is parsed
+    settings = DatamodelSettings.from_preset({"seed": 3, "datamodels": {"lr": 0.05}})
+    config = settings.recipe(Recipe("mlp", epochs=4)).train_config()
+    assert settings.seed == 3 and config.epochs == 4 and config.lr == 0.05
+    assert settings.method_params()["seed"] == 3
+    assert DatamodelsStage.reads == ("rankings",) and DatamodelsStage.flags == ()
+    assert set(DatamodelsStage.writes) == {"datamodels", "lds", "scores", "rankings"}
+
+
+# ----------------------------------------------------------------------------- the stage
 
 ray = pytest.importorskip("ray")
 
@@ -143,25 +206,38 @@ def preset(**datamodels):
             "support": {"model": "mlp", "epochs": 2}, "datamodels": section}
 
 
+def stage(exp, runtime, **datamodels):
+    return DatamodelsStage(exp, parse_settings(preset(**datamodels)), runtime, progress=False)
+
+
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_runtime():
     import os
 
-    from cluster.runtime import ensure_ray
+    from cluster.runtime import RayRuntime
 
     # a Ray of our own even when other processes on the machine started clusters with
     # `ray start` (ray.init() without an address would join the latest of those)
     previous = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = "local"
     try:
-        ensure_ray(None, num_cpus=2)
-        yield ray
+        runtime = RayRuntime(num_cpus=2)
+        runtime.connect()
+        yield runtime
     finally:
         ray.shutdown()
         if previous is None:
             os.environ.pop("RAY_ADDRESS", None)
         else:
             os.environ["RAY_ADDRESS"] = previous
+
+
+@pytest.fixture
+def torch_threads():
+    """In-process retraining workers set this process's torch threads to one: restore them."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -184,16 +260,14 @@ def new_exp(path, setting):
         rows.append(pd.DataFrame({"target_id": np.int64(target), "method": "random",
                                   "rank": np.arange(len(same), dtype=np.int32), "train_id": same[order],
                                   "score": np.linspace(1, 0, len(same), dtype=np.float32)}))
-    write_table_atomic(pa.Table.from_pandas(pd.concat(rows), preserve_index=False), exp.rankings / "random.parquet")
+    write_table(pa.Table.from_pandas(pd.concat(rows), preserve_index=False), exp.rankings / "random.parquet")
     return exp
 
 
 @pytest.fixture(scope="module")
-def clean(ray_local, setting, tmp_path_factory):
-    from cluster.datamodels import run_datamodels_stage
-
+def clean(ray_runtime, setting, tmp_path_factory):
     exp = new_exp(tmp_path_factory.mktemp("clean"), setting)
-    summary = run_datamodels_stage(exp, preset(), progress=False)
+    summary = stage(exp, ray_runtime)()
     return exp, summary
 
 
@@ -215,6 +289,8 @@ def test_stage_writes_tables_that_metrics_load(clean, setting):
     margins = margins_table(exp)
     assert len(margins) == MODELS * len(targets) and set(margins["target_id"]) == set(targets.tolist())
     assert margins["margin"].std() > 0
+    parts = read_dataset(exp.root / "datamodels" / "models").to_pandas()
+    assert (parts["attempt"] == 0).all() and parts["worker"].str.contains(":").all()
 
     data = load_lds_data(exp.root)
     assert data.source == "lds" and data.masks.shape == (LDS_MODELS, len(train))
@@ -237,6 +313,19 @@ def test_stage_writes_tables_that_metrics_load(clean, setting):
     nonzero = coef[coef.target_id == targets[0]]
     if len(nonzero):
         assert first["score"].iloc[0] == pytest.approx(max(nonzero["coef"].max(), 0.0))
+    # the score blocks hold every coefficient (zeros included); the rankings are derived from them
+    store = ScoreStore(exp.scores)
+    every_coef = pd.concat(pd.read_parquet(p) for p in (exp.root / "datamodels" / "regressions").glob("coef-*"))
+    assert len(store.block_names("datamodels")) == len(set(labels[int(t)] for t in targets))
+    for block in store.blocks("datamodels"):
+        assert block.values.shape == (len(block.target_ids), len(train)) and block.candidates is None
+        for t, row in zip(block.target_ids, block.values):
+            stored = every_coef[every_coef.target_id == t]
+            np.testing.assert_array_equal(row[np.isin(block.train_ids, stored["train_id"])],
+                                          stored.sort_values("train_id")["coef"].to_numpy())
+            assert np.count_nonzero(row) == len(stored)
+        ranked = rankings[rankings.target_id.isin(block.target_ids)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(rank_block(block, 40).to_pandas(), ranked)
     table = lds_table(load_rankings(exp).to_pandas(), data, n_boot=50)
     assert set(table["method"]) == {"random", "datamodels"} and (table["n_models"] == LDS_MODELS).all()
     # manifest: what the cost table and the report read
@@ -245,10 +334,8 @@ def test_stage_writes_tables_that_metrics_load(clean, setting):
     assert entry["reused"] is False and "alpha_median" in entry["regularisation"]
 
 
-def test_margins_are_those_of_a_model_trained_on_the_subset(clean, setting):
+def test_margins_are_those_of_a_model_trained_on_the_subset(clean, setting, torch_threads):
     """A worker's margins equal an in-process training on the same subset and torch seed."""
-    from cluster.datamodels import LDS_MODEL_OFFSET
-
     exp, _ = clean
     train, targets, _ = setting
     torch.set_num_threads(1)
@@ -268,74 +355,65 @@ def test_margins_are_those_of_a_model_trained_on_the_subset(clean, setting):
 
 
 def test_rerun_trains_nothing_and_changed_settings_are_refused(clean):
-    from cluster.datamodels import run_datamodels_stage
-
     exp, _ = clean
     parts = sorted(p.name for p in (exp.root / "datamodels" / "models").glob("*.parquet"))
     seconds = exp.manifest()["datamodels"]["seconds"]
-    summary = run_datamodels_stage(exp, preset(), progress=False)
+    summary = stage(exp, None)()  # nothing to compute: no pool needed
     assert summary["trained_this_run"] == 0 and summary["computed_files"] == 0 and summary["reused_files"] > 0
     assert sorted(p.name for p in (exp.root / "datamodels" / "models").glob("*.parquet")) == parts
     entry = exp.manifest()["datamodels"]
     assert entry["reused"] is True and entry["seconds"] == seconds  # the computing run's time is kept
-    with pytest.raises(ValueError, match="alpha: 0.5 -> 0.4"):
-        run_datamodels_stage(exp, preset(alpha=0.4), progress=False)
-    with pytest.raises(ValueError, match="models: 24 -> 30"):
-        run_datamodels_stage(exp, preset(models=30), progress=False)
+    with pytest.raises(SettingsChanged, match="alpha: 0.5 -> 0.4") as refused:
+        stage(exp, None, alpha=0.4)()
+    assert "datamodels/models" in str(refused.value) and "random" not in str(refused.value)
+    with pytest.raises(SettingsChanged, match="models: 24 -> 30") as refused:
+        stage(exp, None, models=30)()
+    assert "datamodels-*.parquet" in str(refused.value) and "random" not in str(refused.value)
+    assert sorted(p.name for p in (exp.root / "datamodels" / "models").glob("*.parquet")) == parts
 
 
-def test_killed_run_resumes_and_a_failed_training_is_retried(clean, setting, tmp_path):
-    from cluster.datamodels import run_datamodels_stage
-    from cluster.support import DriverStopped
+def test_a_crashed_run_resumes_and_a_failed_training_is_retried(clean, setting, ray_runtime, tmp_path, torch_threads):
+    from attribution.ranking import load_rankings
 
     exp = new_exp(tmp_path / "resume", setting)
-    with pytest.raises(DriverStopped):
-        run_datamodels_stage(exp, preset(), progress=False, stop_after=10)
+    with pytest.raises(SimulatedCrash):  # in-process: the driver stops after 10 finished models
+        stage(exp, FaultyRuntime(InProcessRuntime(), crash_after=10))()
     first = read_dataset(exp.root / "datamodels" / "models").to_pandas()
-    assert 0 < len(first) <= 10  # the flushed part files; the rest is lost as with a kill
+    assert 0 < len(first) <= 10 and not (exp.root / "datamodels" / "masks.parquet").exists()
     missing = next(m for m in range(MODELS) if m not in set(first["model_id"]))
-    with pytest.raises(RuntimeError, match="rerun the same command"):
-        run_datamodels_stage(exp, preset(max_retries=0), progress=False, fail_once=[missing])
+    failing = FaultyRuntime(ray_runtime, fail_first=[missing], key=lambda item: item.get("model_id"))
+    with pytest.raises(WorkFailed, match="rerun the same command"):
+        stage(exp, failing, max_retries=0)()
     second = read_dataset(exp.root / "datamodels" / "models").to_pandas()
-    summary = run_datamodels_stage(exp, preset(), progress=False, fail_once=[missing])
+    assert missing not in set(second["model_id"])
+    failing = FaultyRuntime(ray_runtime, fail_first=[missing], key=lambda item: item.get("model_id"))
+    summary = stage(exp, failing)()
     log = read_dataset(exp.root / "datamodels" / "models").to_pandas()
     assert summary["retried"] == 1 and not log["model_id"].duplicated().any()
     assert summary["trained_this_run"] == MODELS + LDS_MODELS - len(second)
     assert int(log.set_index("model_id").loc[missing, "attempt"]) == 1
-    # deterministic per model id: the same margins and rankings as the uninterrupted run
+    # deterministic per model id (and alike in-process and on Ray): the same margins and
+    # rankings as the uninterrupted run
     pd.testing.assert_frame_equal(margins_table(exp).reset_index(drop=True),
                                   margins_table(clean[0]).reset_index(drop=True))
-    from attribution.ranking import load_rankings
-
     assert load_rankings(exp, "datamodels").equals(load_rankings(clean[0], "datamodels"))
 
 
-def test_settings_and_inputs_errors_name_the_fix(tmp_path):
-    from cluster.datamodels import DatamodelSettings, run_datamodels_stage
-
-    with pytest.raises(ValueError, match=r"unknown \[datamodels\] setting"):
-        DatamodelSettings.from_preset({"datamodels": {"modles": 3}})
-    with pytest.raises(ValueError, match="heldout"):
-        DatamodelSettings.from_preset({"datamodels": {"models": 5}})
-    with pytest.raises(ValueError, match="lds_models"):
-        DatamodelSettings.from_preset({"datamodels": {"lds_models": 2}})
-    settings = DatamodelSettings.from_preset({"seed": 3, "support": {"model": "mlp", "epochs": 4},
-                                              "datamodels": {"lr": 0.05}})
-    config = settings.support_settings({"support": {"model": "mlp", "epochs": 4}, "datamodels": {"lr": 0.05}})
-    assert settings.seed == 3 and config.train_config().epochs == 4 and config.train_config().lr == 0.05
-    with pytest.raises(ValueError, match="attribution rank"):
-        run_datamodels_stage(Experiment(tmp_path).create(), preset())
+def test_inputs_errors_name_the_fix(tmp_path):
+    with pytest.raises(StageInputMissing, match="attribution rank"):
+        stage(Experiment(tmp_path).create(), InProcessRuntime())()
+    exp = Experiment(tmp_path / "few").create()
+    write_table(pa.table({"target_id": [int(load_dataset("fashion-mnist", "test").ids[0])],
+                          "method": ["random"], "rank": pa.array([0], pa.int32()),
+                          "train_id": [int(load_dataset("fashion-mnist", "train", n_per_class=30).ids[0])],
+                          "score": pa.array([1.0], pa.float32())}), exp.rankings / "random.parquet")
     with pytest.raises(ValueError, match="lds_models"):  # too few LDS models to cover every image
-        exp = Experiment(tmp_path / "few").create()
-        write_table_atomic(pa.table({"target_id": [int(load_dataset("fashion-mnist", "test").ids[0])],
-                                     "method": ["random"], "rank": pa.array([0], pa.int32()),
-                                     "train_id": [int(load_dataset("fashion-mnist", "train", n_per_class=30).ids[0])],
-                                     "score": pa.array([1.0], pa.float32())}), exp.rankings / "random.parquet")
-        run_datamodels_stage(exp, preset(lds_models=4))
-
-
-def test_cli_parses():
-    from cluster.cli import build_parser
-
-    args = build_parser().parse_args(["datamodels", "--exp", "x", "--set", "datamodels.models=50"])
-    assert args.exp == "x" and args.overrides == ["datamodels.models=50"] and args.preset == "quickstart"
+        stage(exp, InProcessRuntime(), lds_models=4)()
+    subset = set(load_dataset("fashion-mnist", "train", n_per_class=30).ids.tolist())
+    outside = next(i for i in load_dataset("fashion-mnist", "train").ids.tolist() if i not in subset)
+    write_table(pa.table({"target_id": [int(load_dataset("fashion-mnist", "test").ids[0])],
+                          "method": ["random"], "rank": pa.array([0], pa.int32()), "train_id": [outside],
+                          "score": pa.array([1.0], pa.float32())}), exp.rankings / "random.parquet")
+    with pytest.raises(ValueError, match="another training subset"):  # rankings of another [data] subset
+        stage(exp, InProcessRuntime())()
+    assert not (exp.root / "datamodels").exists()  # refused before any work

@@ -230,7 +230,7 @@ def test_rayjob_entrypoint_runs_a_preset_on_the_cluster(tmp_path):
         args = entrypoint_args(entrypoint)
         assert args.command == "run", f"{name}: entrypoint should be 'attribution run PRESET ...'"
         assert args.preset in available_presets(), (
-            f"{name}: preset {args.preset!r} not in benchmarks/presets ({', '.join(available_presets())})")
+            f"{name}: preset {args.preset!r} not in attribution/presets ({', '.join(available_presets())})")
         assert args.address == "auto", f"{name}: without --address auto the job would start its own local Ray"
         assert args.exp and is_uri(args.exp) and args.exp.startswith("s3://"), (
             f"{name}: --exp should be an s3:// URI (the cluster's pods share no disk), got {args.exp!r}")

@@ -2,6 +2,9 @@
 LDS on a planted linear model, bootstrap intervals, the cost table."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -9,6 +12,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from attribution import metrics as M
+from attribution.methods import available_methods, method_class
 
 
 def support_frame(rows):
@@ -240,16 +244,19 @@ def test_cost_table_sums_stages_and_reports_missing_not_zero(tmp_path):
     (tmp_path / "embeddings" / ".train-00001.parquet.123.tmp").write_bytes(b"x" * 5000)  # temp: ignored
     (tmp_path / "rankings").mkdir()
     (tmp_path / "rankings" / "esvm-class000.parquet").write_bytes(b"x" * 20)
+    (tmp_path / "scores" / "esvm").mkdir(parents=True)
+    (tmp_path / "scores" / "esvm" / "class000.parquet").write_bytes(b"x" * 7)
     manifest = {"pretrain": {"seconds": 240.0, "reused": True}, "timing.pretrain": {"seconds": 0.5},
                 "timing.embed": {"seconds": 30.0}, "rank": {"compute_seconds": 12.0}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     costs = M.cost_table(tmp_path, ["trak", "esvm", "l2"]).set_index("method")
+    assert list(costs.index) == ["esvm", "l2", "trak"]  # registry order
     esvm = costs.loc["esvm"]
     # reused pretrain: its original 240 s, not the 0.5 s reuse; rank from compute_seconds
     assert esvm.seconds == pytest.approx(282.0) and bool(esvm.complete)
-    assert esvm.storage_bytes == 1320
+    assert esvm.storage_bytes == 1327  # checkpoint + embeddings + score blocks + rankings
     l2 = costs.loc["l2"]
-    assert not l2.complete and "rankings/l2-*.parquet" in l2.missing_paths
+    assert not l2.complete and "rankings/l2-*.parquet" in l2.missing_paths and "scores/l2" in l2.missing_paths
     trak = costs.loc["trak"]
     assert trak.seconds is None or np.isnan(trak.seconds)
     assert trak.missing_stages == "trak" and not trak.complete
@@ -278,3 +285,79 @@ def test_stage_seconds_never_counts_a_reuse_as_the_cost():
     assert M.stage_seconds(manifest, "absent") == (None, "not recorded")
     row = M.cost_table("/nonexistent", ["random"], manifest=manifest).iloc[0]
     assert row.missing_stages.startswith("rank (reused stored artifacts") and not row.complete
+
+
+def test_every_registered_method_declares_its_cost():
+    specs = M.declared_cost_specs()
+    assert list(specs) == available_methods()  # registry order, none left without a cost
+    for name, spec in specs.items():
+        assert spec is method_class(name).cost and spec.stages and spec.paths
+        assert any(name in path for path in spec.paths), f"{name}'s cost names none of its own files"
+
+
+def test_unregistered_method_is_costed_from_the_manifest_or_said_to_have_no_spec(tmp_path):
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / "scores.npz").write_bytes(b"x" * 50)
+    manifest = {"timing.legacy": {"seconds": 7.0},
+                "cost_specs": {"legacy": {"stages": ["legacy"], "paths": ["legacy"], "note": "old run"}}}
+    row = M.cost_table(tmp_path, ["legacy"], manifest=manifest).iloc[0]
+    assert (row.seconds, row.storage_bytes, row.note, bool(row.complete)) == (7.0, 50, "old run", True)
+    row = M.cost_table(tmp_path, ["legacy", "esvm"], manifest={}).iloc[1]
+    assert row.method == "legacy" and row.missing_stages == "no cost spec" and not row.complete
+    assert "not a registered method" in row.note and "cost_specs" in row.note
+
+
+# Runs in a fresh interpreter: the registry is process-global, and the methods registered
+# here must not leak into other tests.
+REGISTERED_AT_TEST_TIME = """
+import json, sys
+from attribution import metrics as M
+from attribution.methods import AttributionMethod, CostSpec, register_method
+
+
+class TinyMethod(AttributionMethod):
+    stage = "tiny"
+
+    def fit(self, train):
+        return self
+
+    def score(self, targets):
+        raise NotImplementedError
+
+
+@register_method
+class Zeta(TinyMethod):
+    name = "zeta"
+    cost = CostSpec(("tiny",), ("zeta/features", "rankings/zeta-*.parquet"), "zeta shares the tiny stage")
+
+
+@register_method
+class Alpha(TinyMethod):
+    name = "alpha"
+    cost = CostSpec(("tiny", "alpha-extra"), ("alpha",))
+
+
+table = M.cost_table(sys.argv[1], ["legacy", "alpha", "zeta", "esvm"])
+print(json.dumps(table.astype(object).where(table.notna(), None).to_dict("records")))
+"""
+
+
+def test_method_registered_at_test_time_is_costed_in_registry_order(tmp_path):
+    (tmp_path / "zeta" / "features").mkdir(parents=True)
+    (tmp_path / "zeta" / "features" / "part-0.npy").write_bytes(b"x" * 100)
+    (tmp_path / "rankings").mkdir()
+    (tmp_path / "rankings" / "zeta-class000.parquet").write_bytes(b"x" * 11)
+    (tmp_path / "manifest.json").write_text(json.dumps({"timing.tiny": {"seconds": 4.0}}))
+    done = subprocess.run([sys.executable, "-c", REGISTERED_AT_TEST_TIME, str(tmp_path)], capture_output=True,
+                          text=True, env=dict(os.environ), timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {row["method"]: row for row in json.loads(done.stdout.strip().splitlines()[-1])}
+    # built-ins first, then the new methods in the order they registered (zeta before alpha,
+    # not alphabetical), then the unregistered one
+    assert list(rows) == ["esvm", "zeta", "alpha", "legacy"]
+    zeta, alpha = rows["zeta"], rows["alpha"]
+    assert (zeta["seconds"], zeta["storage_bytes"], zeta["stages"]) == (4.0, 111, "tiny 4.0 s")
+    assert zeta["complete"] and zeta["note"] == "zeta shares the tiny stage"
+    assert alpha["seconds"] == 4.0 and alpha["missing_stages"] == "alpha-extra" and alpha["missing_paths"] == "alpha"
+    assert not alpha["complete"]
+    assert rows["legacy"]["missing_stages"] == "no cost spec"

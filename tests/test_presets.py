@@ -10,37 +10,32 @@ from attribution import metrics as M
 from attribution.compare import compare_experiments, write_comparison
 from attribution.experiment import Experiment
 from attribution.presets import apply_ablation, available_presets, load_ablations, load_preset
-from attribution.pretrain import pretrain_settings
+from attribution.stages import available_stages, parse_settings
 from cluster.cli import build_parser
-from cluster.ranking import rank_settings
-from cluster.support import SupportSettings
 
 
 def test_presets_exist_and_every_stage_section_validates():
     assert {"quickstart", "cifar10", "imagenet"} <= set(available_presets())
     assert "ablations" not in available_presets()
     for name in available_presets():
-        preset = load_preset(name)
-        rank_settings(preset)  # raises on unknown keys / bad values
-        SupportSettings.from_preset(preset).train_config(device="cpu")
-        if "pretrain" in preset:
-            pretrain_settings(preset, in_channels=3)
+        settings = parse_settings(load_preset(name))  # raises on unknown keys / bad values
+        assert set(settings.present) <= set(available_stages())
+        settings["support"].recipe().train_config(device="cpu")
 
 
 def test_reference_settings_of_the_paper_presets():
-    cifar = load_preset("cifar10")
-    rank, support = rank_settings(cifar), SupportSettings.from_preset(cifar)
-    assert (cifar["data"]["dataset"], rank["top_k"], rank["targets"], rank["same_class"]) == ("cifar10", 1280, 100, True)
+    cifar = parse_settings(load_preset("cifar10"))
+    rank, support = cifar["rank"], cifar["support"]
+    assert (cifar.data.dataset, rank.top_k, rank.targets, rank.same_class) == ("cifar10", 1280, 100, True)
     assert (support.model, support.budget, support.seeds, support.first_seeds, support.top_k, support.ensemble) == \
         ("resnet9", 7, 5, 1, 1280, 10)
-    config = support.train_config(device="cpu")
+    config = support.recipe().train_config(device="cpu")
     assert (config.epochs, config.batch_size, config.lr, config.label_smoothing) == (24, 512, 0.5, 0.1)
-    assert cifar["pretrain"]["epochs"] == 800 and cifar["pretrain"]["batch_size"] == 512
-    imagenet = load_preset("imagenet")
-    support = SupportSettings.from_preset(imagenet)
-    assert "pretrain" not in imagenet and imagenet["embed"]["backbone"] == "resnet50"
-    assert (rank_settings(imagenet)["targets"], support.targets, support.model, support.ensemble) == \
-        (30, 30, "resnet18", 4)
+    assert cifar["pretrain"].epochs == 800 and cifar["pretrain"].batch_size == 512
+    imagenet = parse_settings(load_preset("imagenet"))
+    support = imagenet["support"]
+    assert "pretrain" not in imagenet and imagenet["embed"].backbone == "resnet50"
+    assert (imagenet["rank"].targets, support.targets, support.model, support.ensemble) == (30, 30, "resnet18", 4)
 
 
 @pytest.mark.parametrize("preset_name", ["quickstart", "cifar10", "imagenet"])
@@ -55,8 +50,7 @@ def test_every_ablation_applies_to_every_preset(preset_name):
         for dotted, value in ablation.get("set", {}).items():
             section, key = dotted.split(".")
             assert preset[section][key] == value
-        rank_settings(preset)
-        SupportSettings.from_preset(preset)
+        parse_settings(preset)
     assert "ablation" not in base and load_preset(preset_name) == base  # the preset itself is untouched
     assert apply_ablation(base, "all-class")["rank"]["same_class"] is False
     assert base["rank"].get("same_class", True) is True

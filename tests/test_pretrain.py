@@ -1,22 +1,22 @@
-"""MoCo v2 pretraining on real Fashion-MNIST: tiny runs that write, reload, reuse and repeat."""
+"""MoCo v2 pretraining on real Fashion-MNIST: tiny runs that write, reload, reuse and repeat,
+and the pretrain stage that writes EXP/checkpoints/moco.pt."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from attribution.artifacts import SettingsChanged, fingerprint
 from attribution.backbones import BackboneSpec, checkpoint_metadata, load_backbone, spec_from_checkpoint
 from attribution.data import load_dataset
 from attribution.experiment import Experiment
 from attribution.knn import knn_accuracy, knn_predict
-from attribution.pretrain import (
-    MocoPretrainer,
-    PretrainSettingsChanged,
-    info_nce,
-    moco_augment,
-    run_pretrain_stage,
-)
+from attribution.pretrain import MocoPretrainer, info_nce, moco_augment
+from attribution.settings import SettingsError
+from attribution.stages import parse_settings, stage_class
+from attribution.stages.pretrain import PretrainStage
 
 torch.set_num_threads(1)  # one thread: robust on a shared machine (two spin-wait under load)
 # The standard 7x7/2 stem + max-pool on 28 px leaves 7x7 maps: ~15x cheaper than the small
@@ -102,48 +102,109 @@ def tiny_preset(**pretrain):
             "pretrain": settings}
 
 
+def pretrain(exp, force=False, **settings):
+    return PretrainStage(exp, parse_settings(tiny_preset(**settings)), progress=False, force=force)()
+
+
+def test_stage_is_registered_with_its_flags():
+    assert stage_class("pretrain") is PretrainStage
+    assert PretrainStage.reads == () and PretrainStage.writes == ("checkpoint",)
+    flags = {f.name: f for f in PretrainStage.flags}
+    assert flags["--force"].option == "force"
+    assert flags["--threads"].setting == "pretrain.threads" and flags["--threads"].type is int
+
+
 def test_stage_writes_then_reuses(tmp_path, capsys):
     exp = Experiment(tmp_path / "exp").create()
-    first = run_pretrain_stage(exp, tiny_preset(), None)
-    path = exp.checkpoints / "moco.pt"
+    first = pretrain(exp)
+    path = exp.path("checkpoint")
+    assert path == exp.checkpoints / "moco.pt"
     assert path.exists() and first["reused"] is False and first["steps"] == 2
     assert first["train_images"] == 20
     stamp = path.stat().st_mtime_ns
     manifest = json.loads(exp.manifest_path.read_text())
     assert manifest["pretrain"]["config_hash"] == first["config_hash"]
     assert manifest["pretrain"]["spec"]["in_channels"] == 1
+    assert manifest["pretrain"]["settings"]["max_steps"] == 2
     assert spec_from_checkpoint(path).small_stem is False
+    stored = checkpoint_metadata(path)["pretrain"]
+    assert stored["config_hash"] == fingerprint(stored["settings"]) == first["config_hash"]
+    assert stored["settings"]["data"] == {"dataset": "fashion-mnist", "root": "", "images": "subset",
+                                          "train_per_class": 2, "seed": 0}
 
-    second = run_pretrain_stage(exp, tiny_preset(), None)
+    # same settings (threads are not part of the result): reused, not rewritten
+    capsys.readouterr()
+    second = pretrain(exp, threads=None)
     assert second["reused"] is True and second["config_hash"] == first["config_hash"]
-    assert path.stat().st_mtime_ns == stamp  # not rewritten
+    assert second["steps"] == 2 and second["seconds"] == first["seconds"]  # the training's, kept
+    assert path.stat().st_mtime_ns == stamp
+    assert "reusing" in capsys.readouterr().out
+    assert exp.manifest()["pretrain"]["reused"] is True
 
     # other settings: refused with the differences listed, unless forced
-    with pytest.raises(PretrainSettingsChanged, match=r"max_steps: 2 -> 3.*--force"):
-        run_pretrain_stage(exp, tiny_preset(max_steps=3), None)
-    third = run_pretrain_stage(exp, tiny_preset(max_steps=3), None, force=True)
+    with pytest.raises(SettingsChanged, match=r"max_steps: 2 -> 3.*--force"):
+        pretrain(exp, max_steps=3)
+    with pytest.raises(SettingsChanged, match=r"seed: 0 -> 1"):
+        pretrain(exp, seed=1)
+    assert path.stat().st_mtime_ns == stamp
+    third = pretrain(exp, force=True, max_steps=3)
     assert third["reused"] is False and third["steps"] == 3
     assert (exp.checkpoints / f"moco-{first['config_hash']}.pt").exists()
-
-    # the CLI reuses the forced checkpoint when given the same settings
-    from cluster.cli import main
-
-    preset_file = tmp_path / "tiny.toml"
-    preset_file.write_text(
-        'name = "tiny"\nseed = 0\n[data]\ndataset = "fashion-mnist"\nroot = ""\ntrain_per_class = 2\n'
-        'test_per_class = 1\n[pretrain]\nbackbone = "resnet18"\nsmall_stem = false\nimages = "subset"\n'
-        "max_steps = 3\nbatch_size = 8\nqueue_size = 16\nhidden_dim = 32\nproj_dim = 16\nseed = 0\n")
-    capsys.readouterr()
-    assert main(["pretrain", "--exp", str(exp.root), "--preset", str(preset_file), "--threads", "1"]) == 0
-    assert "reused=True" in capsys.readouterr().out
-    assert main(["pretrain", "--exp", str(exp.root), "--preset", str(preset_file),
-                 "--set", "pretrain.seed=1"]) == 1
-    assert "other settings" in capsys.readouterr().out
+    # the forced checkpoint is reused with its settings
+    assert pretrain(exp, max_steps=3)["reused"] is True
 
 
-def test_unknown_preset_key_is_named(tmp_path):
-    with pytest.raises(ValueError, match="unknown .pretrain. settings .'bacth_size'."):
-        run_pretrain_stage(Experiment(tmp_path).create(), tiny_preset(bacth_size=8), None)
+def test_checkpoint_of_the_old_hash_scheme_is_reused(tmp_path):
+    """Checkpoints written before the fingerprint scheme changed (config_hash = sha256 of
+    json.dumps(settings, sort_keys=True)) are reused: their stored settings are compared."""
+    exp = Experiment(tmp_path / "exp").create()
+    pretrain(exp, time_budget_s=3600)
+    path = exp.path("checkpoint")
+    payload = torch.load(path, weights_only=False)
+    settings = payload["pretrain"]["settings"]
+    assert settings["time_budget_s"] == 3600.0
+    settings["time_budget_s"] = 3600  # the old code stored the preset's value as written (an int)
+    old_hash = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert old_hash != payload["pretrain"]["config_hash"]
+    payload["pretrain"]["config_hash"] = old_hash
+    torch.save(payload, path)
+    stamp = path.stat().st_mtime_ns
+    again = pretrain(exp, time_budget_s=3600)
+    assert again["reused"] is True and again["config_hash"] == old_hash
+    assert path.stat().st_mtime_ns == stamp
+    forced = pretrain(exp, force=True, max_steps=3)
+    assert forced["reused"] is False and (exp.checkpoints / f"moco-{old_hash}.pt").exists()
+
+
+def test_unreadable_checkpoint_is_trained_again(tmp_path):
+    exp = Experiment(tmp_path / "exp").create()
+    path = exp.path("checkpoint")
+    pretrain(exp, max_steps=3)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # e.g. a disk problem
+    with pytest.warns(UserWarning, match="unreadable"):
+        summary = pretrain(exp)
+    assert summary["reused"] is False and checkpoint_metadata(path)["pretrain"]["steps"] == 2
+    assert sorted(p.name for p in exp.checkpoints.iterdir()) == ["moco.pt"]
+
+
+def test_settings_are_validated_with_the_key_named(tmp_path):
+    with pytest.raises(SettingsError, match=r"unknown \[pretrain\] setting\(s\) \['bacth_size'\]"):
+        parse_settings(tiny_preset(bacth_size=8))
+    with pytest.raises(SettingsError, match=r"pretrain.images must be one of \['full', 'subset'\], got 'all'"):
+        parse_settings(tiny_preset(images="all"))
+    with pytest.raises(SettingsError, match=r"pretrain.temperature must be in \(0, 10\], got 0.0"):
+        parse_settings(tiny_preset(temperature=0))
+    with pytest.raises(SettingsError, match="pretrain.batch_size must be an integer >= 2, got 'abc'"):
+        parse_settings(tiny_preset(batch_size="abc"))
+    with pytest.raises(SettingsError, match="pretrain.epochs or pretrain.max_steps or pretrain.time_budget_s"):
+        parse_settings(tiny_preset(max_steps=0))
+    with pytest.raises(SettingsError, match="pretrain.shuffle_bn_splits must be at most batch_size // 2 = 4"):
+        parse_settings(tiny_preset(shuffle_bn_splits=5))
+    with pytest.raises(SettingsError, match="pretrain.backbone must be one of"):
+        parse_settings(tiny_preset(backbone="efficientnet_lite0"))
+    settings = parse_settings({"name": "p", "seed": 7, "pretrain": {"time_budget_s": 60}})["pretrain"]
+    assert settings.seed == 7 and settings.time_budget_s == 60.0 and settings.batch_size == 128
 
 
 def test_knn_on_separable_features():

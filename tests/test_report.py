@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from attribution.data import DatasetNotFoundError, load_dataset
-from attribution.experiment import Experiment, write_json_atomic, write_table_atomic
+from attribution.experiment import Experiment
+from attribution.artifacts import write_json, write_table
 from attribution.report import ReportError, write_report
 
 METHODS = ["esvm", "l2", "random", "trak"]
@@ -59,7 +60,7 @@ def make_experiment(root, *, support=True, trainings=True, dataset="fashion-mnis
         df["score"] = df["score"].astype("float32")
         import pyarrow as pa
 
-        write_table_atomic(pa.Table.from_pandas(df, preserve_index=False), exp.rankings / f"{method}-class000.parquet")
+        write_table(pa.Table.from_pandas(df, preserve_index=False), exp.rankings / f"{method}-class000.parquet")
     if support:
         fixed = {"esvm": [2, 4, 8, 16, 3, 5, -1, 9], "l2": [4, 4, 16, 32, 6, -1, -1, 9],
                  "random": [32, -1, -1, 64, -1, 50, -1, -1], "trak": [1, 8, 12, -1, 2, 20, 30, 10]}
@@ -84,8 +85,9 @@ def make_experiment(root, *, support=True, trainings=True, dataset="fashion-mnis
         "timing.pretrain": {"seconds": 240.0}, "timing.embed": {"seconds": 30.0}, "timing.rank": {"seconds": 12.0},
         "timing.trak": {"seconds": 900.0},
         "rank": {"top_k": TOP, "methods": METHODS[:3]}, "support": {"limit": LIMIT, "num_tests": 2},
+        "trak": {"settings": {"proj_dim": 64, "seed": 0}},
     }
-    write_json_atomic(exp.manifest_path, manifest)
+    write_json(exp.manifest_path, manifest)
     return exp
 
 
@@ -120,8 +122,15 @@ def test_full_report_files_tables_and_plots(tmp_path):
     assert "trak/checkpoints" in md
     # rankings hold 12 items: the k=100 overlap row would duplicate k=12 and is left out
     assert "| esvm | l2 | 10 | 8 |" in md and "| esvm | l2 | 100 |" not in md
-    # LDS missing and said so, with where it comes from
-    assert "LDS masks and margins" in md
+    # LDS missing and said so, with the stage that writes it
+    assert "LDS masks and margins" in md and "`attribution datamodels --exp EXP`" in md
+    # the stages' settings, for every stage of the registry that recorded some
+    assert "- rank settings: top_k=12" in md and "- trak settings: proj_dim=64, seed=0" in md
+    headings = [line for line in md.splitlines() if line.startswith("#")]
+    assert headings == ["# Attribution report: tiny", "## Not yet available", "## Data support",
+                        "### Per-target comparisons", "## Overlap between methods",
+                        "## Linear datamodeling score (LDS)", "## Cost of producing the attributions",
+                        "## Retraining log", "## Top-ranked training images"]
     for name in ("support_curves", "support_scatter", "quality_vs_cost"):
         png = exp.root / "report_files" / f"{name}.png"
         assert f"report_files/{name}.png" in md
@@ -181,14 +190,45 @@ def test_empty_experiment_is_a_clear_error(tmp_path):
         write_report(tmp_path / "absent")
 
 
-def test_pipeline_entry_reads_the_report_section(tmp_path):
-    from attribution.report import run_report_stage
+def test_report_stage_reads_the_report_section_and_records_itself(tmp_path):
+    from attribution.settings import SettingsError
+    from attribution.stages import parse_settings, producer_of, stage_class
+    from attribution.stages.report import ReportStage
 
     exp = make_experiment(tmp_path / "exp", support=False, trainings=False)
-    summary = run_report_stage(exp, {"report": {"n_boot": 20, "grid_targets": 0}})
-    assert summary["markdown"].endswith("report.md") and "Image grid disabled" in (exp.root / "report.md").read_text()
-    with pytest.raises(ValueError, match="unknown \\[report\\] keys"):
-        run_report_stage(exp, {"report": {"nboot": 20}})
+    assert stage_class("report") is ReportStage and producer_of("report") == "report"
+    settings = parse_settings({"report": {"n_boot": 20, "grid_targets": 0}})
+    summary = ReportStage(exp, settings)()  # no runtime: the report never starts Ray
+    md = (exp.root / "report.md").read_text()
+    assert summary["markdown"] == str(exp.root / "report.md") and summary["html"] == str(exp.root / "report.html")
+    assert "Image grid disabled" in md and "(20 resamples, seed 0)" in md
+    recorded = exp.manifest()["report"]
+    assert recorded["settings"]["n_boot"] == 20 and recorded["settings"]["jaccard_ks"] == [10, 100]
+    ReportStage(exp, settings)()  # the manifest now has a report section: not listed among the stages' settings
+    assert "- report settings" not in (exp.root / "report.md").read_text()
+    with pytest.raises(SettingsError, match=r"unknown \[report\] setting\(s\) \['nboot'\]"):
+        parse_settings({"report": {"nboot": 20}})
+    with pytest.raises(SettingsError, match="report.lds_fill must be a number or 'min', got 'max'"):
+        parse_settings({"report": {"lds_fill": "max"}})
+    with pytest.raises(SettingsError, match="report.n_boot must be an integer >= 1, got 'abc'"):
+        parse_settings({"report": {"n_boot": "abc"}})
+    (tmp_path / "empty").mkdir()
+    from attribution.stages import StageInputMissing
+
+    with pytest.raises(StageInputMissing, match="no tables to report on"):
+        ReportStage(tmp_path / "empty", settings)()
+
+
+def test_report_flags_set_report_settings():
+    from attribution.stages.report import ReportSettings, ReportStage
+
+    flags = {flag.name: flag for flag in ReportStage.flags}
+    assert set(flags) == {"--n-boot", "--seed", "--grid-targets", "--grid-top"}
+    for flag in flags.values():
+        section, key = flag.setting.split(".")
+        assert section == ReportSettings.section == "report" and key in ReportSettings.__dataclass_fields__
+        assert flag.type is int and flag.option is None
+    assert ReportStage.reads == () and ReportStage.writes == ("report",)
 
 
 def test_report_command_prints_paths(tmp_path, capsys):
@@ -207,7 +247,7 @@ def test_report_survives_an_unreadable_table_and_widens_a_too_small_limit(tmp_pa
     exp = make_experiment(tmp_path / "exp", trainings=False)
     manifest = json.loads(exp.manifest_path.read_text())
     del manifest["support"]  # the limit now comes from rank.top_k = 12, below found supports (up to 64)
-    write_json_atomic(exp.manifest_path, manifest)
+    write_json(exp.manifest_path, manifest)
     exp.trainings.mkdir()
     (exp.trainings / "part-00000.parquet").write_bytes(b"not parquet")
     md = write_report(exp.root, n_boot=50, grid_targets=0)[0].read_text()

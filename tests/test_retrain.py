@@ -152,3 +152,66 @@ def test_imagenet_recipe_reads_real_images_batch_by_batch(tmp_path):
     a, b = lazy.train(removed_ids=removed, seed=3), eager.train(removed_ids=removed, seed=3)
     probe = train.images([0, 1])
     np.testing.assert_allclose(lazy.logits(a, probe), eager.logits(b, probe), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- attribution.retraining
+
+
+def test_recipe_and_its_fingerprint():
+    from attribution.retraining import Recipe, recipe_fingerprint
+
+    config = Recipe("mlp", epochs=3, lr=0.05).train_config("cpu")
+    assert (config.model, config.epochs, config.lr, config.batch_size, config.device) == ("mlp", 3, 0.05, 128, "cpu")
+    assert Recipe("fmnist-cnn").train_config("cpu") == retrain.make_config("cnn", device="cpu")
+    data = {"dataset": "fashion-mnist", "root": None, "train_per_class": 30, "seed": 0}
+    key = recipe_fingerprint(config, data, 0, 300)
+    assert key == recipe_fingerprint(Recipe("mlp", 3, None, 0.05).train_config("cuda"), data, 0, 300)  # not the device
+    assert len({key, recipe_fingerprint(config, data, 1, 300), recipe_fingerprint(config, data, 0, 299),
+                recipe_fingerprint(Recipe("mlp", 4, None, 0.05).train_config("cpu"), data, 0, 300),
+                recipe_fingerprint(config, dict(data, seed=1), 0, 300)}) == 5
+
+
+def test_part_log_keeps_rows_and_read_parts_refuses_other_settings(tmp_path):
+    import pyarrow as pa
+
+    from attribution.artifacts import SettingsChanged
+    from attribution.retraining import PartLog, read_parts
+
+    schema = pa.schema([("model_id", pa.int64()), ("seconds", pa.float32())])
+    assert read_parts(tmp_path / "log") is None
+    log = PartLog(tmp_path / "log", schema, settings={"models": 4}, flush_every=2, flush_seconds=3600)
+    for model_id in range(3):
+        log.add({"model_id": model_id, "seconds": 0.5})
+    assert len(list((tmp_path / "log").glob("part-*.parquet"))) == 1  # flushed at 2 rows; 1 row waits
+    log.flush()
+    log.flush()  # nothing left: no empty part
+    assert sorted(read_parts(tmp_path / "log", {"models": 4}).column("model_id").to_pylist()) == [0, 1, 2]
+    again = PartLog(tmp_path / "log", schema, settings={"models": 5})
+    assert again.run_id != log.run_id  # a second run never overwrites the first one's parts
+    again.add({"model_id": 9, "seconds": 0.1})
+    again.flush()
+    with pytest.raises(SettingsChanged, match="models: 4 -> 5"):
+        read_parts(tmp_path / "log", {"models": 5}, fix="delete the folder")
+    assert read_parts(tmp_path / "log").num_rows == 4  # without settings: every part
+
+
+def test_retrain_worker_items(small):
+    """One worker, every item kind, in-process: the same models as a Retrainer of this process."""
+    from attribution.retraining import RetrainWorker, target_arrays, training_arrays
+
+    trainer, train, test = small
+    targets = target_arrays(test, test.ids[:5])
+    worker = RetrainWorker(trainer.config.to_dict(), training_arrays(train), targets)
+    removed = train.ids[:10]
+    result, name = worker.call({"kind": "train", "target_id": int(test.ids[2]), "removed_ids": removed,
+                                "torch_seed": 7}, 0)
+    logits = trainer.logits(trainer.train(removed, seed=7), test.images(test.positions_of(test.ids[2:3])))[0]
+    assert (result["correct"], result["margin"]) == retrain.evaluate_target(logits, test.labels[2])
+    assert name == worker.ready() and ":" in name
+    ensemble = worker({"kind": "ensemble", "torch_seed": 3})["logits"]
+    assert ensemble.shape == (5, 10)
+    np.testing.assert_array_equal(ensemble, trainer.logits(trainer.train(seed=3), targets["images"]))
+    subset = worker({"kind": "subset", "removed_ids": removed, "torch_seed": 7})
+    assert subset["margins"].shape == (5,) and subset["margins"].dtype == np.float32
+    with pytest.raises(ValueError, match="unknown retraining job kind"):
+        worker({"kind": "nope"})

@@ -1,6 +1,5 @@
-"""The TRAK baseline: real traker 0.3.2, real Fashion-MNIST images, real Parquet; no Ray needed."""
-
-import json
+"""The TRAK baseline: real traker 0.3.2, real Fashion-MNIST images, real Parquet; no Ray needed
+(the trak stage runs in-process: it is constructed without a runtime)."""
 
 import numpy as np
 import pandas as pd
@@ -10,10 +9,16 @@ import pytest
 import torch
 
 from attribution import retrain
+from attribution.artifacts import SettingsChanged, stored_settings, write_table
 from attribution.baselines.trak import TrakScorer, train_checkpoints
 from attribution.data import load_dataset
-from attribution.experiment import Experiment, write_table_atomic
+from attribution.experiment import Experiment
+from attribution.methods import Targets, TrainingData, available_methods, create_method, method_class
 from attribution.ranking import RANKING_SCHEMA
+from attribution.scores import ScoreStore, rank_block
+from attribution.settings import SettingsError
+from attribution.stages import StageInputMissing, parse_settings
+from attribution.stages.trak import TrakSettings, TrakStage
 
 pytest.importorskip("trak")
 
@@ -74,6 +79,41 @@ def test_planted_duplicates_rank_first(fmnist, tmp_path):
         assert planted[rng.permutation(len(ids))[:5]].sum() < 4
 
 
+def test_the_trak_method_adapts_the_scorer(fmnist, tmp_path):
+    """The registered method: a full score block (targets x every training id) equal to the
+    scorer's scores; same_class marks the target's class as the candidates."""
+    train, test = fmnist
+    assert "trak" in available_methods("trak") and method_class("trak").stage == "trak"
+    cls = method_class("trak")
+    assert cls.signed and cls.inputs == ("images",)
+    assert cls.cost.stages == ("trak",) and "scores/trak" in cls.cost.paths
+    x = retrain.to_tensor(train.images(np.arange(len(train))), train.mean, train.std)
+    torch.manual_seed(0)
+    states = [mlp().state_dict()]
+    targets = Targets(test.ids[:4], test.labels[:4], images=retrain.to_tensor(test.images(np.arange(4)), train.mean,
+                                                                              train.std))
+    expected = TrakScorer(tmp_path / "lib", proj_dim=16, seed=3, progress=False).fit(mlp, states, x, train.labels)
+    expected = expected.score(targets.images, targets.labels).scores
+    for same_class in (False, True):
+        method = create_method("trak", proj_dim=16, seed=3, same_class=same_class, save_dir=tmp_path / "m",
+                               progress=False)
+        assert method.class_restricted is same_class
+        assert method.settings()["projector"] == "BasicProjector" and method.settings()["same_class"] is same_class
+        method.fit(TrainingData(train.ids, train.labels, images=x, extra={"model_fn": mlp, "checkpoints": states}))
+        block = method.score(targets)
+        assert block.method == "trak" and block.values.shape == (4, len(train))
+        np.testing.assert_array_equal(block.train_ids, train.ids)
+        np.testing.assert_array_equal(block.values, expected.T)
+        if same_class:
+            np.testing.assert_array_equal(block.candidates, targets.labels[:, None] == train.labels[None, :])
+        else:
+            assert block.candidates is None
+    with pytest.raises(ValueError, match="model_fn"):
+        create_method("trak", save_dir=tmp_path / "m").fit(TrainingData(train.ids, train.labels, images=x))
+    with pytest.raises(RuntimeError, match="fit"):
+        create_method("trak").score(targets)
+
+
 def test_proj_dim_must_be_below_train_size(fmnist, tmp_path):
     train, _ = fmnist
     x = retrain.to_tensor(train.images(np.arange(len(train))), train.mean, train.std)
@@ -128,7 +168,7 @@ def test_project_models_work_with_image_classification(fmnist, tmp_path, model, 
 
 def test_checkpoints_are_the_support_ensemble_models(fmnist, tmp_path):
     """Same recipe and seeds as the support stage's ensemble: identical weights, reused on rerun."""
-    from cluster.support import RetrainWorker
+    from attribution.retraining import RetrainWorker, target_arrays, training_arrays
 
     train, test = fmnist
     config = retrain.make_config("mlp", epochs=2)
@@ -137,12 +177,9 @@ def test_checkpoints_are_the_support_ensemble_models(fmnist, tmp_path):
     assert trained == 2 and sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["model-000.pt", "model-001.pt"]
     threads = torch.get_num_threads()
     try:
-        arrays = {"images": train.images(np.arange(len(train))), "labels": train.labels, "ids": train.ids,
-                  "mean": train.mean, "std": train.std, "num_classes": 10}
-        targets = {"images": test.images(np.arange(10)), "labels": test.labels[:10], "ids": test.ids[:10]}
-        worker = RetrainWorker(config.to_dict(), arrays, targets, threads=1)
+        worker = RetrainWorker(config.to_dict(), training_arrays(train), target_arrays(test, test.ids[:10]), threads=1)
         for index, state in enumerate(states):
-            expected = worker.ensemble_member(retrain.training_seed(7, index))
+            expected = worker({"kind": "ensemble", "torch_seed": retrain.training_seed(7, index)})["logits"]
             model = mlp()
             model.load_state_dict(state)
             np.testing.assert_array_equal(worker.trainer.logits(model.eval(), worker.target_x), expected)
@@ -164,6 +201,10 @@ def stage_preset(**trak):
             "support": {"model": "mlp", "epochs": 2}, "rank": {"top_k": TRAIN_PER_CLASS}, "trak": section}
 
 
+def trak_stage(exp, force=False, **trak):
+    return TrakStage(exp, parse_settings(stage_preset(**trak)), progress=False, force=force)
+
+
 def write_rank_rankings(exp, train, test, target_positions):
     """An l2 (pixel distance) same-class ranking per target, as the rank stage writes it."""
     x = train.images(np.arange(len(train))).reshape(len(train), -1).astype(np.float32)
@@ -178,80 +219,115 @@ def write_rank_rankings(exp, train, test, target_positions):
                                       "train_id": train.ids[same][order].astype(np.int64),
                                       "score": score[order].astype(np.float32)}))
         table = pa.Table.from_pandas(pd.concat(rows), preserve_index=False).cast(RANKING_SCHEMA)
-        write_table_atomic(table, exp.rankings / f"l2-class{int(label):03d}.parquet")
+        write_table(table, exp.rankings / f"l2-class{int(label):03d}.parquet")
 
 
-def test_trak_stage_writes_rankings_and_resumes(fmnist, tmp_path):
-    from cluster.cli import main
-    from cluster.trak import SETTINGS_KEY, TrakSettings, run_trak_stage
+def read_trak_rankings(exp):
+    return pd.concat([pq.read_table(p).to_pandas() for p in sorted(exp.rankings.glob("trak-*.parquet"))])
 
+
+def test_trak_stage_writes_scores_and_rankings_and_resumes(fmnist, tmp_path):
     train, test = fmnist
     exp = Experiment(tmp_path / "exp").create()
-    with pytest.raises(ValueError, match="run the rank stage first"):
-        run_trak_stage(exp, stage_preset(), progress=False)
+    assert TrakStage.name == "trak" and TrakStage.reads == ("rankings",)
+    assert set(TrakStage.writes) == {"trak", "scores", "rankings"}
+    assert [(f.name, f.option) for f in TrakStage.flags] == [("--force", "force")]
+    with pytest.raises(StageInputMissing, match="attribution rank"):
+        trak_stage(exp)()
+    write_table(pa.table({"target_id": [1], "method": ["trak"], "rank": pa.array([0], pa.int32()),
+                          "train_id": [2], "score": pa.array([1.0], pa.float32())}), exp.rankings / "other.parquet")
+    with pytest.raises(ValueError, match="rank stage"):  # no ranking of a rank-stage method: no targets
+        trak_stage(exp)()
+    (exp.rankings / "other.parquet").unlink()
     positions = np.array([0, 1, 7, 12, 30])
     write_rank_rankings(exp, train, test, positions)
     target_ids = np.sort(test.ids[positions])
 
-    summary = run_trak_stage(exp, stage_preset(target_chunk=2), progress=False)  # 3 chunks of targets
+    summary = trak_stage(exp, target_chunk=2)()  # 3 chunks of targets
     classes = sorted({int(c) for c in test.labels[positions]})
     files = sorted(p.name for p in exp.rankings.glob("trak-*.parquet"))
     assert files == [f"trak-class{c:03d}.parquet" for c in classes]
     assert summary["computed_files"] == len(classes) and summary["projector"] == "BasicProjector"
-    frame = pd.concat([pq.read_table(exp.rankings / f).to_pandas() for f in files])
+    frame = read_trak_rankings(exp)
     assert all(pq.read_schema(exp.rankings / f).remove_metadata() == RANKING_SCHEMA for f in files)
     assert sorted(frame["target_id"].unique()) == target_ids.tolist() and (frame["method"] == "trak").all()
     for target, group in frame.groupby("target_id"):
         assert group["rank"].tolist() == list(range(TRAIN_PER_CLASS))  # top_k = the rank stage's
         assert (np.diff(group["score"].to_numpy()) <= 0).all() and group["train_id"].is_unique
         assert set(group["train_id"]) <= set(train.ids.tolist())
-    # the stored score matrix agrees with the rankings
-    chunks = sorted((exp.root / "trak" / "scores").glob("chunk-*.npz"))
-    assert len(chunks) == 3
-    stored = {}
-    for path in chunks:
-        with np.load(path) as z:
-            assert z["scores"].shape == (len(train), len(z["target_ids"]))
-            for j, t in enumerate(z["target_ids"]):
-                stored[int(t)] = dict(zip(z["train_ids"].tolist(), z["scores"][:, j]))
-    first = frame[frame["rank"] == 0].set_index("target_id")
-    for t, row in first.iterrows():
-        assert np.isclose(stored[t][row.train_id], row.score) and row.score == max(stored[t].values())
+    # the score store holds every training image's score; the rankings are derived from it
+    store = ScoreStore(exp.scores)
+    assert store.block_names("trak") == [f"class{c:03d}" for c in classes]
+    np.testing.assert_array_equal(store.train_ids(), np.sort(train.ids))
+    for block in store.blocks("trak"):
+        assert block.values.shape == (len(block.target_ids), len(train)) and block.candidates is None
+        assert set(block.target_labels) == {int(test.labels[test.positions_of([block.target_ids[0]])[0]])}
+        label = int(block.target_labels[0])
+        ranking = pq.read_table(exp.rankings / f"trak-class{label:03d}.parquet")
+        assert rank_block(block, TRAIN_PER_CLASS).equals(ranking.replace_schema_metadata(None))
+        first = ranking.to_pandas().query("rank == 0")
+        assert np.array_equal(first["score"].to_numpy(), block.values.max(axis=1))
     manifest = exp.manifest()["trak"]
     assert manifest["projector"] == "BasicProjector" and manifest["checkpoints"] == 2 and manifest["seconds"] > 0
+    assert manifest["trained_checkpoints"] == 2 and manifest["top_k"] == TRAIN_PER_CLASS
     assert len(list((exp.root / "trak" / "checkpoints").glob("model-*.pt"))) == 2
 
-    # rerun through the CLI: nothing recomputed (the features folder is not even touched)
-    preset_path = tmp_path / "tiny.toml"
-    preset_path.write_text(toml(stage_preset(target_chunk=2)))
+    # rerun: nothing recomputed (the features folder is not even touched)
     features_mtime = (exp.root / "trak" / "features").stat().st_mtime_ns
-    assert main(["trak", "--exp", str(exp.root), "--preset", str(preset_path)]) == 0
+    summary = trak_stage(exp, target_chunk=2)()
+    assert summary["computed_files"] == 0 and summary["reused_files"] == len(classes)
     assert exp.manifest()["trak"]["reused"] is True and exp.manifest()["trak"]["computed_files"] == []
     assert exp.manifest()["trak"]["seconds"] == manifest["seconds"]  # the original compute time is kept
     assert (exp.root / "trak" / "features").stat().st_mtime_ns == features_mtime
 
-    # changed settings: refused, naming the difference; force recomputes
-    with pytest.raises(ValueError, match=r"proj_dim: 64 -> 32"):
-        run_trak_stage(exp, stage_preset(proj_dim=32), progress=False)
-    summary = run_trak_stage(exp, stage_preset(proj_dim=32, same_class=True), force=True, progress=False)
-    assert summary["computed_files"] == len(classes) and summary["trained_checkpoints"] == 0  # same recipe
-    frame = pd.concat([pq.read_table(p).to_pandas() for p in exp.rankings.glob("trak-*.parquet")])
+    # changed settings: refused, naming the difference, and the advice touches only trak's files
+    with pytest.raises(SettingsChanged, match=r"proj_dim: 64 -> 32") as refused:
+        trak_stage(exp, proj_dim=32)()
+    assert "--force" in str(refused.value) and "trak-*.parquet" in str(refused.value)
+    assert "rankings/*" not in str(refused.value) and "l2" not in str(refused.value)
+    # a changed top_k only derives the rankings again from the stored scores
+    with pytest.raises(SettingsChanged, match=r"top_k: 30 -> 5"):
+        trak_stage(exp, top_k=5)()
+    summary = trak_stage(exp, force=True, top_k=5)()
+    assert summary["computed_files"] == len(classes) and "trained_checkpoints" not in summary
+    assert (exp.root / "trak" / "features").stat().st_mtime_ns == features_mtime
+    assert (read_trak_rankings(exp).groupby("target_id").size() == 5).all()
+    # force recomputes: same recipe, so the checkpoints are reused
+    summary = trak_stage(exp, force=True, proj_dim=32, same_class=True)()
+    assert summary["computed_files"] == len(classes) and summary["trained_checkpoints"] == 0
+    frame = read_trak_rankings(exp)
     label_of = dict(zip(train.ids.tolist(), train.labels.tolist()))
     target_label = dict(zip(test.ids.tolist(), test.labels.tolist()))
     assert all(label_of[i] == target_label[t] for t, i in zip(frame["target_id"], frame["train_id"]))
-    meta = json.loads(pq.read_schema(next(exp.rankings.glob("trak-*.parquet"))).metadata[SETTINGS_KEY])
+    meta = stored_settings(next(exp.rankings.glob("trak-*.parquet")))
     assert meta["proj_dim"] == 32 and meta["same_class"] is True
+    block = next(store.blocks("trak"))
+    np.testing.assert_array_equal(block.candidates, block.target_labels[:, None] == train.labels[None, :])
 
-    with pytest.raises(ValueError, match=r"unknown \[trak\] setting\(s\) \['bogus'\]"):
+    # the rank stage's targets changed: the classes no target has are refused, force deletes them
+    dropped = classes[0]
+    (exp.rankings / f"l2-class{dropped:03d}.parquet").unlink()
+    with pytest.raises(ValueError, match="classes no target of the rank stage has now"):
+        trak_stage(exp, proj_dim=32, same_class=True)()
+    trak_stage(exp, force=True, proj_dim=32, same_class=True)()
+    assert not (exp.rankings / f"trak-class{dropped:03d}.parquet").exists()
+    assert f"class{dropped:03d}" not in store.block_names("trak")
+    assert len(list(exp.rankings.glob("l2-*.parquet"))) == len(classes) - 1  # other methods' files untouched
+
+
+def test_trak_settings_are_validated_once_by_name():
+    with pytest.raises(SettingsError, match=r"unknown \[trak\] setting\(s\) \['bogus'\]"):
         TrakSettings.from_preset(stage_preset(bogus=1))
-    with pytest.raises(ValueError, match="trak.checkpoints must be an integer >= 1"):
+    with pytest.raises(SettingsError, match="trak.checkpoints must be >= 1, got 0"):
         TrakSettings.from_preset(stage_preset(checkpoints=0))
-
-
-def toml(preset: dict) -> str:
-    lines = [f'name = "{preset["name"]}"', f'seed = {preset["seed"]}']
-    for section in ("data", "support", "rank", "trak"):
-        lines.append(f"[{section}]")
-        for key, value in preset[section].items():
-            lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
+    with pytest.raises(SettingsError, match="trak.checkpoints must be an integer >= 1, got 'abc'"):
+        TrakSettings.from_preset(stage_preset(checkpoints="abc"))
+    with pytest.raises(SettingsError, match="trak.lambda_reg must be >= 0"):
+        TrakSettings.from_preset(stage_preset(lambda_reg=-1))
+    with pytest.raises(SettingsError, match="trak.device must be"):
+        TrakSettings.from_preset(stage_preset(device="tpu"))
+    with pytest.raises(SettingsError, match="trak.same_class must be true or false"):
+        parse_settings(stage_preset(same_class="yes"))  # refused when the whole preset is parsed
+    settings = TrakSettings.from_preset({"seed": 4, "trak": {}})
+    assert (settings.seed, settings.top_k, settings.target_chunk, settings.proj_dim) == (4, None, 1024, 256)
+    assert settings.method_params()["seed"] == 4

@@ -1,5 +1,7 @@
 """Datamodels (Ilyas et al. 2022): random-subset models and one sparse linear regression
-per target (plain Python, no Ray; :mod:`cluster.datamodels` runs it on Ray).
+per target (plain Python, no Ray). The library the ``"datamodels"`` attribution method
+(:mod:`attribution.methods.datamodels`) adapts to the method interface; the datamodels
+stage (:mod:`attribution.stages.datamodels`) trains the subset models on a work queue.
 
 1. Masks: model ``m`` trains on a random subset of exactly ``round(alpha * n_train)``
    training images (alpha = 0.5 in the reference), drawn from a generator seeded by
@@ -15,8 +17,8 @@ per target (plain Python, no Ray; :mod:`cluster.datamodels` runs it on Ray).
    the model is refit on every model at the chosen strength. ``coef_[t]`` are the
    attribution scores of target t: the estimated margin change from including image i.
 
-Rankings (:func:`datamodel_rankings`) sort by coefficient (score descending, train id
-ascending, as every ranking of :mod:`attribution.ranking`), method ``"datamodels"``.
+The coefficients are the method's scores; rankings are derived from them as for every
+method (:func:`attribution.scores.rank_block`: score descending, train id ascending).
 """
 
 from __future__ import annotations
@@ -26,11 +28,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 
-from attribution.ranking import _order, _table, empty_rankings
-
-METHOD = "datamodels"
 MASK_STREAM = 0xD47A  # a stream of its own: the masks never share draws with torch seeds
 
 
@@ -297,38 +295,3 @@ def fit_summary(masks: np.ndarray, margins: np.ndarray, regression: DatamodelReg
             "n_nonzero": model.n_nonzero_, "heldout_mse": best, "heldout_mse_zero": model.heldout_mse_path_[:, 0],
             "heldout_r2": r2, "fit_models": len(model.fit_models_), "heldout_models": len(model.heldout_models_),
             "seconds": time.perf_counter() - start}
-
-
-# ----------------------------------------------------------------------------- rankings
-
-
-def datamodel_rankings(target_ids, target_labels, coef: np.ndarray, train_ids, train_labels, *, top_k: int,
-                       same_class: bool = False) -> pa.Table:
-    """Rankings (schema of :mod:`attribution.ranking`) from datamodel coefficients.
-
-    coef (n_targets, n_train) in the order of ``train_ids``. ``same_class=False`` (the
-    native Datamodels setting) ranks every training image; True ranks only the images
-    of the target's class. Images with equal coefficients (the many zeros of a sparse
-    fit) are ordered by id, as in every ranking.
-    """
-    target_ids = np.asarray(target_ids, dtype=np.int64).reshape(-1)
-    target_labels = np.asarray(target_labels, dtype=np.int64).reshape(-1)
-    train_ids = np.asarray(train_ids, dtype=np.int64).reshape(-1)
-    train_labels = np.asarray(train_labels, dtype=np.int64).reshape(-1)
-    coef = np.asarray(coef, dtype=np.float64)
-    if int(top_k) < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if len(target_ids) != len(target_labels) or coef.shape != (len(target_ids), len(train_ids)):
-        raise ValueError(f"coef must be (n_targets={len(target_ids)}, n_train={len(train_ids)}) with one label per "
-                         f"target; got coef {coef.shape} and {len(target_labels)} labels")
-    if len(train_labels) != len(train_ids):
-        raise ValueError(f"{len(train_ids)} train ids but {len(train_labels)} train labels")
-    if len(target_ids) == 0:
-        return empty_rankings()
-    rows_ids, rows_scores = [], []
-    for row in range(len(target_ids)):
-        candidates = np.flatnonzero(train_labels == target_labels[row]) if same_class else np.arange(len(train_ids))
-        keep = candidates[_order(train_ids[candidates], coef[row, candidates], int(top_k))]
-        rows_ids.append(train_ids[keep])
-        rows_scores.append(coef[row, keep])
-    return _table(target_ids, METHOD, rows_ids, rows_scores)

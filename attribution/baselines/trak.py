@@ -1,5 +1,9 @@
 """TRAK (Park et al. 2023) through MadryLab's ``traker`` package (plain Python, no Ray).
 
+The library the ``"trak"`` attribution method (:mod:`attribution.methods.trak`) adapts
+to the method interface; the trak stage (:mod:`attribution.stages.trak`) trains the
+checkpoints with :func:`train_checkpoints` and writes scores and rankings.
+
 :class:`TrakScorer` wraps ``trak.TRAKer`` with task ``"image_classification"``:
 
 1. ``fit(model_fn, checkpoints, train_x, train_y)``: for every checkpoint (a state
@@ -26,7 +30,7 @@ Pitfalls of traker 0.3.2 handled here (docs/baselines.md):
 - ``finalize_scores`` holds a (train x targets) float32 matrix in memory (the users'
   OOM at 1M x 50k): ``score`` handles the targets it is given in one traker
   experiment, so callers bound memory by passing chunks of targets
-  (cluster/trak.py does, ``target_chunk``).
+  (the trak stage does, ``trak.target_chunk``).
 """
 
 from __future__ import annotations
@@ -77,6 +81,22 @@ def cuda_projector_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def resolve_device(device: str) -> str:
+    """``device`` with "auto" resolved: CUDA when torch sees it, else CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='auto' or 'cpu'")
+    return str(device)
+
+
+def projector_name(device: str) -> str:
+    """The projector TRAK uses on ``device``: "CudaProjector" (CUDA with the fast_jl
+    kernel) or "BasicProjector" (a dense Gaussian matrix, :class:`TrakScorer`'s CPU path)."""
+    device = resolve_device(device)
+    return "CudaProjector" if device.startswith("cuda") and cuda_projector_available() else "BasicProjector"
 
 
 @contextmanager
@@ -146,12 +166,9 @@ class TrakScorer:
         self.progress = progress
 
     # ------------------------------------------------------------------ helpers
-    def _device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but torch sees no CUDA device; use device='auto' or 'cpu'")
-        return str(self.device)
+    def resolve_device(self) -> str:
+        """The device ``fit`` will use (:func:`resolve_device`)."""
+        return resolve_device(self.device)
 
     def _fresh_save_dir(self) -> None:
         folder = self.save_dir
@@ -165,7 +182,7 @@ class TrakScorer:
 
     def _projector(self, n_grad: int, device: str):
         """(projector or None = let TRAKer build its CUDA one, name)."""
-        if device.startswith("cuda") and cuda_projector_available():
+        if projector_name(device) == "CudaProjector":
             return None, "CudaProjector"
         from trak.projectors import ProjectionType
 
@@ -203,7 +220,7 @@ class TrakScorer:
             raise ValueError(f"proj_dim={self.proj_dim} must be smaller than the training-set size {n} "
                              f"(X^T X of {n} projected gradients is then singular); lower proj_dim, "
                              f"e.g. --set trak.proj_dim={max(1, n // 2)}")
-        device = self._device()
+        device = self.resolve_device()
         model = model_fn().to(device)
         n_grad = sum(p.numel() for name, p in model.named_parameters()
                      if self.grad_wrt is None or name in self.grad_wrt)
@@ -265,16 +282,6 @@ class TrakScorer:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_state_atomic(payload: dict, path: str | os.PathLike) -> Path:
-    """torch.save so a reader sees the old file or the complete new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def checkpoint_path(folder: str | os.PathLike, index: int) -> Path:
     return Path(folder) / f"model-{int(index):03d}.pt"
 
@@ -291,6 +298,7 @@ def train_checkpoints(trainer, folder: str | os.PathLike, n_models: int, base_se
     """
     from tqdm.auto import tqdm
 
+    from attribution.artifacts import write_torch
     from attribution.retrain import training_seed
 
     states, trained = [], 0
@@ -306,8 +314,8 @@ def train_checkpoints(trainer, folder: str | os.PathLike, n_models: int, base_se
         with torch_threads(threads):
             model = trainer.train(seed=torch_seed)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        save_state_atomic({"state_dict": state, "recipe": recipe, "seed_index": index, "torch_seed": torch_seed,
-                           "config": trainer.config.to_dict()}, path)
+        write_torch({"state_dict": state, "recipe": recipe, "seed_index": index, "torch_seed": torch_seed,
+                     "config": trainer.config.to_dict()}, path)
         states.append(state)
         trained += 1
     return states, trained

@@ -37,6 +37,9 @@ import warnings
 
 import numpy as np
 import torch
+# At module level: imported inside threadpool_limits (the first solve) LAPACK would load
+# with all threads and give that first call slightly different sums than later ones.
+from scipy.linalg import lapack
 
 from .base import ESVMSolver, balanced_costs
 
@@ -136,7 +139,6 @@ def _kernel_newton_cpu(K, kt, ktt, mask, res, off, dinv):
     Exact-size systems (no padding) and LAPACK's in-place Cholesky+solve: torch's batched
     cholesky spends as long zeroing the upper triangle as factorising.
     """
-    from scipy.linalg import lapack
     n = K.shape[0]
     Kn, ktn, kttn = K.numpy(), kt.numpy(), ktt.numpy()
     maskn, resn, dinvn = mask.numpy(), res.numpy(), dinv.numpy()

@@ -7,10 +7,16 @@ import sys
 
 def compare_command(args) -> int:
     from attribution.compare import write_comparison
+    from cluster.storage import ExperimentStorage
 
     labels = args.labels.split(",") if args.labels else None
     try:
-        md_path, csv_path = write_comparison(args.exps, args.out, labels, n_boot=args.n_boot, seed=args.seed)
+        local = []
+        for location in args.exps:  # URI experiments: compare local copies
+            storage = ExperimentStorage(location, create=False)
+            storage.pull()
+            local.append(str(storage.local))
+        md_path, csv_path = write_comparison(local, args.out, labels, n_boot=args.n_boot, seed=args.seed)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -24,7 +30,7 @@ def register(subparsers):
         "compare", help="compare the supports of several experiments (a preset and its ablations)",
         description="Support-curve AUCs with bootstrap intervals for every (experiment, method, mode), from "
         "the stored support tables: e.g. attribution compare runs/quickstart runs/quickstart-all-class")
-    parser.add_argument("exps", nargs="+", help="experiment directories (local paths)")
+    parser.add_argument("exps", nargs="+", help="experiment directories (local paths or storage URIs)")
     parser.add_argument("--out", default="runs/comparison", help="folder for comparison.md/.csv/.png")
     parser.add_argument("--labels", default=None, help="comma-separated names (default: preset [ablation])")
     parser.add_argument("--n-boot", type=int, default=1000)

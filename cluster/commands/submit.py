@@ -10,11 +10,15 @@ from cluster.storage import is_uri
 
 def submit_command(args) -> int:
     from attribution.presets import load_preset, parse_override
+    from attribution.stages import parse_settings, select_stages
     from cluster import submit as jobs
 
-    # Fail here, not on the cluster after the upload: unknown preset, bad --set.
+    # Fail here, not on the cluster after the upload: unknown preset, bad --set, unknown stage.
     try:
-        load_preset(args.preset, dict(parse_override(o) for o in args.overrides), ablation=args.ablation)
+        parse_settings(load_preset(args.preset, dict(parse_override(o) for o in args.overrides),
+                                   ablation=args.ablation))
+        if args.stages:
+            select_stages(args.stages)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -80,7 +84,7 @@ def register(subparsers):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stages")
     parser.add_argument("--ablation", default=None, metavar="NAME",
-                        help="an ablation from benchmarks/presets/ablations.toml, applied on the cluster")
+                        help="an ablation from attribution/presets/ablations.toml, applied on the cluster")
     parser.add_argument("--job-id", default=None, help="submission id (default: generated)")
     parser.add_argument("--installed", action="store_true",
                         help="the cluster image has this project installed: do not upload the source")

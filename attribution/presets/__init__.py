@@ -1,4 +1,4 @@
-"""Presets: TOML files with one section per stage (benchmarks/presets/NAME.toml)."""
+"""Presets: TOML files with one section per stage, shipped as package data (attribution/presets/NAME.toml)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import benchmarks
-
-PRESET_DIR = Path(benchmarks.__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parent
 
 
 ABLATIONS_FILE = PRESET_DIR / "ablations.toml"
@@ -20,7 +18,7 @@ def available_presets() -> list[str]:
 
 
 def load_ablations() -> dict[str, dict[str, Any]]:
-    """The ablations any preset can take (benchmarks/presets/ablations.toml): name ->
+    """The ablations any preset can take (attribution/presets/ablations.toml): name ->
     {description, set: {section.key: value}, drop: [stage, ...]}."""
     with open(ABLATIONS_FILE, "rb") as handle:
         return tomllib.load(handle)
@@ -67,6 +65,11 @@ def load_preset(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
     preset.setdefault("name", path.stem)
     if ablation:
         preset = apply_ablation(preset, ablation)
+    return with_overrides(preset, overrides)
+
+
+def with_overrides(preset: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``preset`` with ``section.key`` overrides written (in place; returned for chaining)."""
     for dotted, value in (overrides or {}).items():
         _set(preset, dotted, value)
     return preset

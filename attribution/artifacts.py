@@ -1,0 +1,197 @@
+"""The one artifact layer: atomic writes, fingerprints, stored settings, resume.
+
+Every file a stage writes goes through :func:`atomic_path` (directly or through the
+``write_*`` helpers below): it is written to a hidden temporary name beside its final
+name and renamed into place, so a reader finds either the complete artifact or none,
+and a later run never takes half a file for a finished one. Hidden files (leading dot)
+are ignored by every reader and never uploaded by the storage layer.
+
+Resume uses one scheme everywhere: an artifact stores the settings it was computed
+with (Parquet metadata under :data:`SETTINGS_KEY`, or a JSON field), a stage compares
+them with what it would compute now (:func:`reuse`), and either skips the artifact
+(same settings), computes it (missing), or refuses with :class:`SettingsChanged`, whose
+message lists each difference as ``key: old -> new`` and says how to proceed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+SETTINGS_KEY = b"attribution.settings"
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
+
+    On an error the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def write_table(table, path: str | os.PathLike, settings: Mapping | None = None) -> Path:
+    """Write a pyarrow Table as Parquet; ``settings`` go into its metadata (see :func:`stored_settings`)."""
+    import pyarrow.parquet as pq
+
+    if settings is not None:
+        metadata = dict(table.schema.metadata or {})
+        metadata[SETTINGS_KEY] = canonical_json(settings).encode()
+        table = table.replace_schema_metadata(metadata)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def write_npz(path: str | os.PathLike, **arrays) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+    return Path(path)
+
+
+def write_torch(obj: Any, path: str | os.PathLike) -> Path:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def visible_files(folder: str | os.PathLike, pattern: str = "*.parquet") -> list[Path]:
+    """Complete files of a folder (temporary and hidden files left out), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
+
+
+def read_dataset(folder: str | os.PathLike, columns: list[str] | None = None, filters=None):
+    """A Parquet dataset folder as one pyarrow Table (hidden and temporary files ignored)."""
+    import pyarrow.dataset as ds
+
+    files = [str(p) for p in visible_files(folder)]
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {folder}: run the stage that writes it first")
+    return ds.dataset(files, format="parquet").to_table(columns=columns, filter=filters)
+
+
+def stored_settings(path: str | os.PathLike) -> dict | None:
+    """The settings a Parquet artifact was written with (None when it has none)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(SETTINGS_KEY)
+    return json.loads(raw) if raw else None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def fingerprint(obj: Any) -> str:
+    """16 hex digits of the SHA-256 of ``obj`` as canonical JSON: the one content key."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:16]
+
+
+def ids_digest(ids) -> str:
+    """Fingerprint of a sequence of integer ids (order matters)."""
+    return hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- stored settings differ
+
+
+def differences(stored: Mapping, wanted: Mapping, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every (nested) key whose value differs."""
+    out = []
+    for key in sorted(set(stored) | set(wanted), key=str):
+        old, new = stored.get(key, "(unset)"), wanted.get(key, "(unset)")
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += differences(old, new, f"{prefix}{key}.")
+        elif _normal(old) != _normal(new):
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out
+
+
+def _normal(value):
+    # JSON round trips turn tuples into lists: compare them as equal
+    return json.loads(canonical_json(value)) if isinstance(value, (tuple, list)) else value
+
+
+class SettingsChanged(ValueError):
+    """An artifact exists but was made with other settings than the ones asked for now."""
+
+    def __init__(self, what: str, changes: list[str], fix: str):
+        self.what, self.changes, self.fix = what, list(changes), fix
+        shown = "; ".join(self.changes[:12]) + ("; ..." if len(self.changes) > 12 else "")
+        super().__init__(f"{what} was made with other settings ({shown or 'settings not recorded'}). {fix}")
+
+
+def check_settings(what: str, stored: Mapping | None, wanted: Mapping, fix: str) -> None:
+    """Raise :class:`SettingsChanged` unless ``stored`` equals ``wanted``."""
+    changes = differences(stored or {}, wanted)
+    if stored is None or changes:
+        raise SettingsChanged(what, changes, fix)
+
+
+def reuse(path: str | os.PathLike, wanted: Mapping, fix: str, force: bool = False) -> bool:
+    """The one resume test for a Parquet artifact: True when ``path`` exists with the
+    settings ``wanted`` (skip it), False when it is missing (compute it), and
+    :class:`SettingsChanged` when it holds other settings (unless ``force``: then False,
+    and the caller overwrites it)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    stored = stored_settings(path)
+    if stored is not None and not differences(stored, wanted):
+        return True
+    if force:
+        return False
+    check_settings(str(path), stored, wanted, fix)
+    return True  # unreachable: check_settings raised

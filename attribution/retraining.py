@@ -1,0 +1,189 @@
+"""The retraining pieces every retraining stage shares (support, TRAK, Datamodels, LDS).
+
+- :class:`Recipe`: the retraining recipe of a preset section (model, epochs, batch
+  size, lr on top of :data:`attribution.retrain.RECIPES`), and
+  :func:`recipe_fingerprint`, the key of every stored training.
+- :func:`training_arrays`: what a retraining worker needs of the training set.
+- :class:`RetrainWorker`: a pool worker (:class:`attribution.workqueue.QueueWorker`)
+  that holds the training set and the target images once and trains one model per
+  item: ``{"kind": "train", ...}`` (a removal / relabel change, evaluated on one
+  target), ``{"kind": "ensemble", ...}`` (a full-data model, logits on every target)
+  and ``{"kind": "subset", ...}`` (a subset model, margins on every target).
+- :class:`PartLog`: finished units appended to a folder as small Parquet part files
+  written atomically (the trainings log of the support search, the subset models of
+  Datamodels): the unit of resume.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from attribution.artifacts import fingerprint, read_dataset, stored_settings, visible_files, write_table
+from attribution.workqueue import QueueWorker
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A retraining recipe: a model (or a RECIPES key) with optional overrides."""
+
+    model: str = "mlp"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+
+    def train_config(self, device: str | None = None):
+        """The :class:`attribution.retrain.TrainConfig`; ``device`` given: as the pool's
+        resources decided (not second-guessed here), else CUDA when this process has it."""
+        from attribution import retrain
+
+        overrides = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        if device is not None:
+            overrides["device"] = device
+        return retrain.make_config(self.model, resolve_device=device is None, **overrides)
+
+
+def recipe_fingerprint(config, data_key: dict, base_seed: int, n_train: int) -> str:
+    """Key of everything that changes a training's outcome apart from its own change."""
+    return fingerprint({"config": config.fingerprint(), "data": data_key, "base_seed": int(base_seed),
+                        "n_train": int(n_train)})
+
+
+def training_arrays(data) -> dict:
+    """What retraining workers need of a training ImageSet: its pixels when they fit in
+    memory, else the ImageSet itself (paths; workers decode batches from shared files)."""
+    images = {"images": data.images(np.arange(len(data)))} if data.in_memory else {"image_set": data}
+    return {**images, "labels": np.asarray(data.labels, np.int64), "ids": np.asarray(data.ids, np.int64),
+            "mean": tuple(data.mean), "std": tuple(data.std), "num_classes": int(data.num_classes)}
+
+
+def target_arrays(test_set, target_ids) -> dict:
+    """images, labels, ids of the targets (test images) a retraining worker evaluates."""
+    target_ids = np.asarray(target_ids, np.int64)
+    positions = test_set.positions_of(target_ids)
+    return {"images": test_set.images(positions), "labels": np.asarray(test_set.labels[positions], np.int64),
+            "ids": target_ids}
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class RetrainWorker(QueueWorker):
+    """Holds the training set and the target images; trains one model per item."""
+
+    def __init__(self, config: dict, train: dict, targets: dict, threads: int = 1):
+        import torch
+
+        from attribution import retrain
+
+        torch.set_num_threads(threads)  # one thread per worker: robust when cores are shared
+        if config["device"].startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"worker on {os.uname().nodename} got a GPU share but torch sees no CUDA device: "
+                               "install a CUDA build of torch there or set gpus_per_actor = 0")
+        self.config = retrain.TrainConfig(**config)
+        # Ray hands numpy arrays over read-only from the object store; copy once here.
+        images = np.array(train["images"]) if "images" in train else train["image_set"]
+        self.trainer = retrain.Retrainer(self.config, images, np.array(train["labels"]), np.array(train["ids"]),
+                                         train["mean"], train["std"], train["num_classes"])
+        self.target_x = retrain.to_tensor(np.array(targets["images"]), train["mean"], train["std"])
+        self.target_labels = np.asarray(targets["labels"], dtype=np.int64)
+        self.target_pos = {int(t): i for i, t in enumerate(targets["ids"])}
+
+    def __call__(self, job: dict) -> dict:
+        kind = job.get("kind", "train")
+        if kind == "train":
+            return self.train(job)
+        if kind == "ensemble":
+            return {"logits": self.ensemble_member(job["torch_seed"])}
+        if kind == "subset":
+            return self.subset_margins(job)
+        raise ValueError(f"unknown retraining job kind {kind!r}")
+
+    def train(self, job: dict) -> dict:
+        """One model with the job's change; correctness and margin on its target."""
+        from attribution import retrain
+
+        start = time.perf_counter()
+        model = self.trainer.train(job.get("removed_ids", ()), job.get("relabel_ids", ()), job.get("relabel_to"),
+                                   job["torch_seed"])
+        pos = self.target_pos[job["target_id"]]
+        logits = self.trainer.logits(model, self.target_x[pos:pos + 1])[0]
+        correct, margin = retrain.evaluate_target(logits, self.target_labels[pos])
+        return {"correct": correct, "margin": margin, "seconds": time.perf_counter() - start}
+
+    def ensemble_member(self, torch_seed: int) -> np.ndarray:
+        """A full-data model's logits on every target."""
+        model = self.trainer.train(seed=torch_seed)
+        return self.trainer.logits(model, self.target_x)
+
+    def subset_margins(self, job: dict) -> dict:
+        """A model trained without ``removed_ids``: its margin on every target."""
+        from attribution.baselines.datamodels import margins_from_logits
+
+        start = time.perf_counter()
+        model = self.trainer.train(removed_ids=job["removed_ids"], seed=job["torch_seed"])
+        margins = margins_from_logits(self.trainer.logits(model, self.target_x), self.target_labels)
+        return {"margins": margins.astype(np.float32), "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------- part log
+
+
+class PartLog:
+    """Appends rows to ``folder`` as atomically written Parquet part files.
+
+    Each part carries ``settings`` in its metadata (:func:`read_parts` refuses parts made
+    with other settings). Rows are flushed every ``flush_every`` rows or
+    ``flush_seconds``, and by :meth:`flush` (call it in a ``finally``: what finished is
+    kept when the run is interrupted)."""
+
+    def __init__(self, folder: str | os.PathLike, schema: pa.Schema, settings: dict | None = None,
+                 flush_every: int = 32, flush_seconds: float = 15.0):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.schema, self.settings = schema, settings
+        self.flush_every, self.flush_seconds = int(flush_every), float(flush_seconds)
+        self.rows: list[dict] = []
+        # unique per driver run: two runs in one process never overwrite each other's parts
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**9:09d}"
+        self.parts = 0
+        self.last_flush = time.monotonic()
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.flush_every or time.monotonic() - self.last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.rows:
+            return
+        table = pa.table({name: [row.get(name) for row in self.rows] for name in self.schema.names}, schema=self.schema)
+        write_table(table, self.folder / f"part-{self.run_id}-{self.parts:05d}.parquet", settings=self.settings)
+        self.parts += 1
+        self.rows = []
+
+
+def read_parts(folder: str | os.PathLike, settings: dict | None = None, fix: str = ""):
+    """The rows of a part-file folder as a pyarrow Table (None when there are none);
+    with ``settings``, a part stored with other settings is refused
+    (:class:`attribution.artifacts.SettingsChanged`)."""
+    from attribution.artifacts import check_settings
+
+    parts = visible_files(folder)
+    if not parts:
+        return None
+    if settings is not None:
+        for path in parts:
+            stored = stored_settings(path)
+            if stored != settings:
+                check_settings(str(path), stored, settings, fix)
+    return read_dataset(folder)

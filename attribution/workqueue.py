@@ -1,0 +1,217 @@
+"""One work queue for every pool of workers, and the runtime that makes queues.
+
+Stages never start processes themselves. They describe a pool (:class:`PoolRequest`:
+which kind of work, so the resources module can size it, and the worker class with its
+constructor arguments) and ask the stage's :class:`Runtime` for a :class:`WorkQueue`.
+They then ``submit`` items and take :class:`Completed` results as they finish, in any
+order; a stage whose later work depends on earlier results (the support search) keeps
+submitting while it consumes.
+
+A worker is a plain callable class (Ray's "callable class" actor pattern), subclassing
+:class:`QueueWorker`: its constructor receives the shared arguments once (training
+set, embeddings, ...), ``__call__(item)`` does one unit of work and returns a result.
+Workers never write to the experiment: results come back to the driver, which writes.
+
+Two runtimes exist: :class:`InProcessRuntime` (here; no Ray; one worker in this
+process, used by unit tests and for debugging) and ``cluster.runtime.RayRuntime``
+(actors over fault-tolerant slots: a lost actor or node puts its items back in the
+queue and the slot gets a replacement; a failing item is retried ``max_retries``
+times, then the queue raises :class:`WorkFailed` naming it).
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator, Sequence
+
+
+@dataclass(frozen=True)
+class PoolRequest:
+    """What a stage asks of a pool; ``cluster.resources`` turns it into actors and options.
+
+    kind : "embed" | "rank" | "retrain" | "regression" (the resources module sizes each)
+    actors : requested pool size; None / 0 = as many as the cluster can place
+    max_items : never start more workers than there are items
+    model : retraining model (its GPU share on GPU clusters)
+    gpus_per_actor : explicit GPU share (None: the resources module's default for ``kind``)
+    threads : torch threads (and CPUs) per worker
+    """
+
+    kind: str
+    actors: int | None = None
+    max_items: int | None = None
+    model: str | None = None
+    gpus_per_actor: float | None = None
+    threads: int = 1
+
+
+@dataclass
+class Completed:
+    """A finished item: its result, the attempt that succeeded and the worker's name."""
+
+    item: Any
+    result: Any
+    attempt: int
+    worker: str
+
+
+class WorkFailed(RuntimeError):
+    """An item failed on every allowed attempt (the message names it and the last error)."""
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process (the Ray runtime's workers add ``@node``: cluster.workers)."""
+    return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def node_of(worker: str) -> str:
+    """The node part of a worker's name (``host:pid@node``; the host name when there is none)."""
+    return worker.rpartition("@")[2] if "@" in worker else worker.split(":")[0]
+
+
+class QueueWorker:
+    """Base of every pool's worker: ``__call__(item)`` does one unit of work.
+
+    :meth:`call` is what the queue invokes (it adds the worker's name to the result);
+    tests inject failures by overriding it in a subclass (see ``tests/faults.py``), never
+    through production parameters."""
+
+    def ready(self) -> str:
+        if not hasattr(self, "_name"):
+            self._name = worker_name()
+        return self._name
+
+    def call(self, item: Any, attempt: int) -> tuple[Any, str]:
+        return self(item), self.ready()
+
+    def __call__(self, item: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class WorkQueue(abc.ABC):
+    """Items in, :class:`Completed` out, on ``size`` workers, at most ``depth`` in flight each."""
+
+    size: int
+    depth: int
+    retried: int = 0     # failed attempts that were retried
+    requeued: int = 0    # items put back after their worker (or node) was lost
+    replaced: int = 0    # workers replaced after a loss
+
+    @abc.abstractmethod
+    def submit(self, item: Any) -> None:
+        """Queue an item; it runs when a worker has room."""
+
+    @abc.abstractmethod
+    def next(self, timeout: float | None = None) -> Completed | None:
+        """The next finished item (None when ``timeout`` seconds passed without one).
+        Raises :class:`WorkFailed` when an item exhausted its retries."""
+
+    @property
+    @abc.abstractmethod
+    def pending(self) -> int:
+        """Items submitted and not yet returned by :meth:`next`."""
+
+    @abc.abstractmethod
+    def free(self) -> int:
+        """How many more items can start now without waiting behind others."""
+
+    @abc.abstractmethod
+    def idle(self) -> int:
+        """Workers with nothing to do."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop the workers (frees their CPUs / GPUs for the next pool)."""
+
+    def map(self, items: Sequence[Any]) -> Iterator[Completed]:
+        """Submit every item and yield them as they complete (any order)."""
+        for item in items:
+            self.submit(item)
+        while self.pending:
+            done = self.next()
+            if done is not None:
+                yield done
+
+    def __enter__(self) -> "WorkQueue":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Runtime(abc.ABC):
+    """Makes work queues; the stage's only handle on processes, devices and clusters."""
+
+    @abc.abstractmethod
+    def queue(self, request: PoolRequest, worker: type[QueueWorker], *args, depth: int = 2,
+              max_retries: int = 2, key: Callable[[Any], Hashable] | None = None, **kwargs) -> WorkQueue:
+        """A queue over workers ``worker(*args, **kwargs)`` (arguments shared once, not
+        copied per worker where the runtime can share them). ``key(item)`` names an item
+        in error messages."""
+
+    @abc.abstractmethod
+    def device(self, request: PoolRequest) -> str:
+        """"cuda" or "cpu": the device the pool's workers get."""
+
+    def resources(self) -> dict:
+        """The resources the runtime has (CPU, GPU, ...)."""
+        return {"CPU": os.cpu_count() or 1}
+
+
+class InProcessRuntime(Runtime):
+    """One worker in this process, items run one at a time as :meth:`WorkQueue.next` is
+    called: no Ray, deterministic, for unit tests and debugging."""
+
+    def __init__(self, device: str = "cpu"):
+        self._device = device
+
+    def device(self, request: PoolRequest) -> str:
+        return self._device
+
+    def queue(self, request, worker, *args, depth=2, max_retries=2, key=None, **kwargs):
+        return InProcessQueue(worker(*args, **kwargs), max_retries=max_retries, key=key)
+
+
+class InProcessQueue(WorkQueue):
+    def __init__(self, worker: QueueWorker, max_retries: int = 2, key=None):
+        self.worker, self.max_retries, self.key = worker, int(max_retries), key or (lambda item: item)
+        self.size, self.depth = 1, 1
+        self._items: collections.deque = collections.deque()
+        self.retried = self.requeued = self.replaced = 0
+
+    def submit(self, item):
+        self._items.append(item)
+
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
+    def free(self) -> int:
+        return 1 if not self._items else 0
+
+    def idle(self) -> int:
+        return 1 if not self._items else 0
+
+    def next(self, timeout=None):
+        if not self._items:
+            if timeout:
+                time.sleep(0)
+            return None
+        item = self._items.popleft()
+        for attempt in range(self.max_retries + 1):
+            try:
+                result, name = self.worker.call(item, attempt)
+                return Completed(item, result, attempt, name)
+            except Exception as error:  # noqa: BLE001 - retried, then reported with the item
+                if attempt >= self.max_retries:
+                    raise WorkFailed(f"{self.key(item)} failed {attempt + 1} times; last error: "
+                                     f"{type(error).__name__}: {error}") from error
+                self.retried += 1
+        raise AssertionError("unreachable")
+
+    def close(self):
+        self._items.clear()
