@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from attribution.artifacts import fingerprint, read_dataset, stored_settings, visible_files, write_table
-from attribution.workqueue import QueueWorker
+from attribution.settings import Section, setting
+from attribution.workqueue import PoolRequest, QueueWorker
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -49,6 +50,24 @@ class Recipe:
         if device is not None:
             overrides["device"] = device
         return retrain.make_config(self.model, resolve_device=device is None, **overrides)
+
+
+@dataclass
+class RetrainPoolSettings(Section):
+    """The pool keys every retraining section shares ([support], [datamodels])."""
+
+    actors: int | None = setting(None, low=0, help="workers; 0 / unset: one per CPU (or per GPU share)")
+    gpus_per_actor: float | None = setting(None, low=0.0, help="GPU share per worker; unset: 0 without GPUs, "
+                                                               "else 1 (big models) or 0.25 (small)")
+    queue_depth: int = setting(2, low=1, help="items queued per worker (hides driver round trips)")
+    max_retries: int = setting(2, low=0, help="a failed training is retried this many times")
+    flush_every: int = setting(32, low=1, help="finished units per part file of the log ...")
+    flush_seconds: float = setting(15.0, low=0.0, low_open=True, help="... or a part at least this often")
+
+    def pool_request(self, model: str, max_items: int | None = None) -> PoolRequest:
+        """The retraining pool these keys describe, for ``model``."""
+        return PoolRequest("retrain", actors=self.actors or None, max_items=max_items, model=model,
+                           gpus_per_actor=self.gpus_per_actor)
 
 
 def recipe_fingerprint(config, data_key: dict, base_seed: int, n_train: int) -> str:

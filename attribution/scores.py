@@ -187,6 +187,14 @@ def rank_block(block: ScoreBlock, top_k: int) -> pa.Table:
     return ranking_table(block.target_ids, block.method, ids_per_target, scores_per_target)
 
 
+def write_ranking(block: ScoreBlock, top_k: int, path: str | os.PathLike, settings: dict) -> Path:
+    """The ranking of ``block`` (:func:`rank_block`), sorted, written atomically at ``path``
+    with its settings. Written after the block's scores, it marks the unit done."""
+    from attribution.ranking import sort_rankings
+
+    return write_table(sort_rankings(rank_block(block, top_k)), path, settings=settings)
+
+
 def concat_blocks(blocks: list[ScoreBlock]) -> ScoreBlock:
     """One block from blocks of one method's targets (same training ids), in order."""
     first = blocks[0]

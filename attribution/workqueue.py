@@ -143,6 +143,46 @@ class WorkQueue(abc.ABC):
         self.close()
 
 
+class DelegatingQueue(WorkQueue):
+    """A queue that forwards everything to ``inner``: subclass it to watch or alter one
+    verb (tests/faults.py crashes the driver in ``next``; benchmarks time the items)."""
+
+    def __init__(self, inner: WorkQueue):
+        self.inner = inner
+        self.size, self.depth = inner.size, inner.depth
+
+    def submit(self, item: Any) -> None:
+        self.inner.submit(item)
+
+    def next(self, timeout: float | None = None) -> Completed | None:
+        return self.inner.next(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self.inner.pending
+
+    def free(self) -> int:
+        return self.inner.free()
+
+    def idle(self) -> int:
+        return self.inner.idle()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def retried(self) -> int:
+        return self.inner.retried
+
+    @property
+    def requeued(self) -> int:
+        return self.inner.requeued
+
+    @property
+    def replaced(self) -> int:
+        return self.inner.replaced
+
+
 class Runtime(abc.ABC):
     """Makes work queues; the stage's only handle on processes, devices and clusters."""
 

@@ -27,7 +27,7 @@ from attribution import retrain
 from attribution.artifacts import read_dataset, write_json
 from attribution.experiment import Experiment
 from attribution.presets import load_preset
-from attribution.workqueue import Runtime, WorkQueue
+from attribution.workqueue import DelegatingQueue, Runtime, WorkQueue
 from benchmarks.search_savings import quickstart_train, write_pixel_rankings
 
 
@@ -51,10 +51,12 @@ class TimedRuntime(Runtime):
         return TimedQueue(queue, self.timing)
 
 
-class TimedQueue(WorkQueue):
+class TimedQueue(DelegatingQueue):
+    """Records when the first training was submitted and the last one finished."""
+
     def __init__(self, inner: WorkQueue, timing: dict):
-        self.inner, self.timing = inner, timing
-        self.size, self.depth = inner.size, inner.depth
+        super().__init__(inner)
+        self.timing = timing
 
     def submit(self, item):
         if item.get("kind") == "train":
@@ -66,19 +68,6 @@ class TimedQueue(WorkQueue):
         if done is not None and done.item.get("kind") == "train":
             self.timing["last_training"] = time.perf_counter()
         return done
-
-    @property
-    def pending(self):
-        return self.inner.pending
-
-    def free(self):
-        return self.inner.free()
-
-    def idle(self):
-        return self.inner.idle()
-
-    def close(self):
-        self.inner.close()
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from attribution.workqueue import Runtime, WorkQueue
+from attribution.workqueue import DelegatingQueue, Runtime, WorkQueue
 
 
 def pickle_by_value(module_name: str) -> None:
@@ -45,13 +45,10 @@ def failing_worker(worker: type, keys, key) -> type:
     return type(f"Failing{worker.__name__}", (worker,), {"call": call, "__module__": __name__})
 
 
-class CrashingQueue(WorkQueue):
+class CrashingQueue(DelegatingQueue):
     def __init__(self, inner: WorkQueue, crash_after: int):
-        self.inner, self.crash_after, self.completed = inner, int(crash_after), 0
-        self.size, self.depth = inner.size, inner.depth
-
-    def submit(self, item):
-        self.inner.submit(item)
+        super().__init__(inner)
+        self.crash_after, self.completed = int(crash_after), 0
 
     def next(self, timeout=None):
         if self.completed >= self.crash_after:
@@ -60,31 +57,6 @@ class CrashingQueue(WorkQueue):
         if done is not None:
             self.completed += 1
         return done
-
-    @property
-    def pending(self):
-        return self.inner.pending
-
-    def free(self):
-        return self.inner.free()
-
-    def idle(self):
-        return self.inner.idle()
-
-    def close(self):
-        self.inner.close()
-
-    @property
-    def retried(self):
-        return self.inner.retried
-
-    @property
-    def requeued(self):
-        return self.inner.requeued
-
-    @property
-    def replaced(self):
-        return self.inner.replaced
 
 
 class FaultyRuntime(Runtime):

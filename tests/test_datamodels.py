@@ -210,28 +210,6 @@ def stage(exp, runtime, **datamodels):
     return DatamodelsStage(exp, parse_settings(preset(**datamodels)), runtime, progress=False)
 
 
-@pytest.fixture(scope="module")
-def ray_runtime():
-    import os
-
-    from cluster.runtime import RayRuntime
-
-    # a Ray of our own even when other processes on the machine started clusters with
-    # `ray start` (ray.init() without an address would join the latest of those)
-    previous = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = "local"
-    try:
-        runtime = RayRuntime(num_cpus=2)
-        runtime.connect()
-        yield runtime
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = previous
-
-
 @pytest.fixture
 def torch_threads():
     """In-process retraining workers set this process's torch threads to one: restore them."""

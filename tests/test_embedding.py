@@ -58,16 +58,6 @@ def fashion_mnist():
 
 
 @pytest.fixture(scope="module")
-def ray_runtime():
-    from cluster.runtime import RayRuntime
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield RayRuntime()  # joins the Ray started here
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Single-process extraction: what every Ray run must reproduce."""
     folder = tmp_path_factory.mktemp("reference") / "embeddings"

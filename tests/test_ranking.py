@@ -100,18 +100,6 @@ def ranked_exp(tmp_path_factory, data):
     return exp, summary
 
 
-@pytest.fixture(scope="module")
-def ray_runtime():
-    from cluster.runtime import RayRuntime
-
-    runtime = RayRuntime(num_cpus=2)
-    runtime.connect()
-    yield runtime
-    import ray
-
-    ray.shutdown()
-
-
 class ConstantSolver(ESVMSolver):
     """Every candidate ties (registered by the tests that use it)."""
 

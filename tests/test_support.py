@@ -46,16 +46,6 @@ training_key = lambda item: tuple(item.get(name) for name in KEY)  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def ray_runtime():
-    from cluster.runtime import RayRuntime
-
-    runtime = RayRuntime(num_cpus=2)
-    runtime.connect()
-    yield runtime
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def setting():
     """Training set, and targets screened in-process the way the workers will see them."""
     torch.set_num_threads(1)

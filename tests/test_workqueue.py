@@ -34,18 +34,6 @@ def test_in_process_queue_runs_retries_and_names_a_failing_item():
     assert queue.retried == 2
 
 
-@pytest.fixture(scope="module")
-def ray_runtime():
-    from cluster.runtime import RayRuntime
-
-    runtime = RayRuntime(num_cpus=2)
-    runtime.connect()
-    yield runtime
-    import ray
-
-    ray.shutdown()
-
-
 def test_ray_queue_requeues_the_item_of_a_lost_worker_and_replaces_it(ray_runtime, tmp_path):
     queue = ray_runtime.queue(PoolRequest("rank", actors=2), Doubler, 10, str(tmp_path / "marker"), depth=2)
     try:

@@ -49,7 +49,8 @@ import pyarrow as pa
 
 from attribution.artifacts import ids_digest, reuse, write_table
 from attribution.methods import Targets, TrainingData, create_method
-from attribution.settings import Section, setting
+from attribution.retraining import RetrainPoolSettings
+from attribution.settings import setting
 from attribution.stages import Plan, Stage, register_stage
 from attribution.workqueue import QueueWorker
 
@@ -73,7 +74,7 @@ RECIPE_FIELDS = ("model", "epochs", "batch_size", "lr")
 
 
 @dataclass
-class DatamodelSettings(Section):
+class DatamodelSettings(RetrainPoolSettings):
     """The [datamodels] section of a preset."""
 
     section: ClassVar[str] = "datamodels"
@@ -95,13 +96,6 @@ class DatamodelSettings(Section):
     eps: float = setting(1e-3, low=0.0, high=1.0, low_open=True, high_open=True, help="... down to eps * alpha_max")
     patience: int | None = setting(5, low=1, help="stop a path after this many strengths without held-out "
                                                   "improvement; unset: the whole path")
-    actors: int | None = setting(None, low=0, help="unset / 0: one per CPU (or per GPU share)")
-    gpus_per_actor: float | None = setting(None, low=0.0, help="unset: 0 without GPUs; 1 (big models) or 0.25 "
-                                                              "(small) with")
-    queue_depth: int = setting(2, low=1, help="calls queued per actor")
-    max_retries: int = setting(2, low=0, help="a failed training is retried this many times")
-    flush_every: int = setting(32, low=1, help="models per part file ...")
-    flush_seconds: float = setting(15.0, low=0.0, low_open=True, help="... or at least this often")
 
     def check(self) -> None:
         if 0 < self.lds_models < 3:
@@ -246,7 +240,6 @@ class DatamodelsStage(Stage):
 
     # ------------------------------------------------------------------ run
     def run(self, plan: Plan) -> dict:
-        from attribution.scores import rank_block
 
         x = plan.extra
         result = {"trained": [], "retried": 0, "computed": []}
@@ -265,7 +258,7 @@ class DatamodelsStage(Stage):
             self.regress(plan, fit_masks, fit_margins, result)
         for label in x["rerank"]:
             block = x["store"].read(METHOD, f"class{label:03d}")
-            result["computed"].append(self.write_ranking(rank_block(block, x["top_k"]), label, x["wanted"][label]))
+            result["computed"].append(self.write_ranking(block, label, x["wanted"][label], x["top_k"]))
         result["known"] = known
         return result
 
@@ -276,13 +269,12 @@ class DatamodelsStage(Stage):
         from attribution import retrain
         from attribution.baselines.datamodels import subset_mask
         from attribution.retraining import PartLog, RetrainWorker
-        from attribution.workqueue import PoolRequest, WorkFailed
+        from attribution.workqueue import WorkFailed
 
         s, x = self.config, plan.extra
         runtime = self.require_runtime()
         needed, train_ids = x["needed"], x["train_ids"]
-        request = PoolRequest("retrain", actors=s.actors or None, max_items=len(needed), model=x["recipe"].model,
-                              gpus_per_actor=s.gpus_per_actor)
+        request = s.pool_request(x["recipe"].model, max_items=len(needed))
         config = x["recipe"].train_config(runtime.device(request))
         masks = {}
 
@@ -345,7 +337,6 @@ class DatamodelsStage(Stage):
         """The regressions of the classes ``plan.todo``, one item per class on the regression pool."""
         from tqdm.auto import tqdm
 
-        from attribution.scores import rank_block
         from attribution.workqueue import PoolRequest
 
         x = plan.extra
@@ -361,8 +352,7 @@ class DatamodelsStage(Stage):
             for done in queue.map(items):
                 label = done.result["label"]
                 self.write_regression(label, done.result["block"], done.result["summary"], x)
-                ranking = rank_block(done.result["block"], x["top_k"])
-                result["computed"].append(self.write_ranking(ranking, label, x["wanted"][label]))
+                result["computed"].append(self.write_ranking(done.result["block"], label, x["wanted"][label], x["top_k"]))
                 bar.update(1)
 
     def write_regression(self, label: int, block, summary: dict, x: dict) -> None:
@@ -384,13 +374,13 @@ class DatamodelsStage(Stage):
         write_table(per_target, x["regressions_dir"] / f"targets-class{label:03d}.parquet", settings=settings)
         x["store"].write(block, f"class{label:03d}", settings)
 
-    def write_ranking(self, ranking, label: int, wanted: dict) -> str:
-        """The ranking file of one class (written last: it marks the class done)."""
-        from attribution.ranking import ranking_file_name, sort_rankings
+    def write_ranking(self, block, label: int, wanted: dict, top_k: int) -> str:
+        """The ranking file of one class, derived from its score block (written last: it marks the class done)."""
+        from attribution.ranking import ranking_file_name
+        from attribution.scores import write_ranking
 
         path = self.exp.path("rankings") / ranking_file_name(METHOD, label)
-        write_table(sort_rankings(ranking), path, settings=wanted["ranking"])
-        return path.name
+        return write_ranking(block, top_k, path, wanted["ranking"]).name
 
     # ------------------------------------------------------------------ finish
     def finish(self, plan: Plan, result: dict) -> dict:

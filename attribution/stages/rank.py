@@ -53,10 +53,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from attribution.artifacts import SettingsChanged, differences, ids_digest, reuse, write_table
+from attribution.artifacts import SettingsChanged, differences, ids_digest, reuse
 from attribution.methods import ScoreBlock, Targets, TrainingData, available_methods, create_method, method_class
 from attribution.methods.similarity import CANDIDATE_METRICS
-from attribution.ranking import REFERENCE_TOP_K, SHORT_POLICIES, ranking_file_name, sort_rankings
+from attribution.ranking import REFERENCE_TOP_K, SHORT_POLICIES, ranking_file_name
 from attribution.settings import Section, setting
 from attribution.stages import register_stage
 from attribution.stages.base import Plan, Stage
@@ -339,7 +339,7 @@ class RankStage(Stage):
     def run(self, plan: Plan) -> dict:
         if not plan.todo:
             return {"computed": [], "workers": {}, "seconds": 0.0, "retried": 0, "requeued": 0}
-        from attribution.scores import concat_blocks, rank_block
+        from attribution.scores import concat_blocks, write_ranking
 
         config, runtime = self.config, self.require_runtime()
         train, test = plan.extra["train"], plan.extra["test"]
@@ -375,7 +375,7 @@ class RankStage(Stage):
                 entry["blocks"] = {}
                 self.store.write(block, unit.block, unit.settings)
                 # the ranking last: it marks the unit done
-                write_table(sort_rankings(rank_block(block, config.top_k)), unit.path, settings=unit.settings)
+                write_ranking(block, config.top_k, unit.path, unit.settings)
                 computed.append(unit.path.name)
                 if bar is not None:
                     bar.set_postfix(files=len(computed), refresh=False)

@@ -48,11 +48,11 @@ import pyarrow as pa
 
 from attribution.artifacts import read_dataset, reuse, write_table
 from attribution.bisection import NOT_FOUND, BisectionSearch, Trial
-from attribution.retraining import (PartLog, RetrainWorker, Recipe, read_parts, recipe_fingerprint, target_arrays,
-                                    training_arrays)
-from attribution.settings import Section, setting
+from attribution.retraining import (PartLog, Recipe, RetrainPoolSettings, RetrainWorker, read_parts,
+                                    recipe_fingerprint, target_arrays, training_arrays)
+from attribution.settings import setting
 from attribution.stages import Flag, Plan, Stage, register_stage
-from attribution.workqueue import PoolRequest, WorkFailed, WorkQueue
+from attribution.workqueue import WorkFailed, WorkQueue
 
 MODES = ("removal", "mislabel")
 TRAINING_KEY = ["target_id", "method", "mode", "k", "seed"]
@@ -74,7 +74,7 @@ OUTPUTS = ["trainings/", "support_targets.parquet", "support.parquet"]
 
 
 @dataclass
-class SupportSettings(Section):
+class SupportSettings(RetrainPoolSettings):
     """The [support] section of a preset (every key has a default).
 
     The retraining recipe (:meth:`recipe`) and ``seed`` are also what the TRAK and
@@ -99,13 +99,6 @@ class SupportSettings(Section):
     ensemble: int = setting(5, low=1, help="full-data models for the flip class and the target screening")
     early_decision: bool = setting(True, help="skip a step's remaining seeds once its vote is settled")
     speculate: bool = setting(True, help="idle workers train the k a search may need next")
-    actors: int | None = setting(None, low=0, help="workers; 0 / unset: one per CPU (or per GPU share)")
-    gpus_per_actor: float | None = setting(None, low=0, help="GPU share per worker; unset: 0 without GPUs, "
-                                                             "else 1 (big models) or 0.25 (small)")
-    queue_depth: int = setting(2, low=1, help="items queued per worker (hides driver round trips)")
-    max_retries: int = setting(2, low=0, help="a failed training is retried this many times")
-    flush_every: int = setting(32, low=1, help="trainings per part file of the log ...")
-    flush_seconds: float = setting(15.0, low=0, low_open=True, help="... or a part at least this often")
     seed: int | None = setting(None, help="base seed of the trainings and the target draw; unset: the preset's")
 
     def check(self) -> None:
@@ -527,7 +520,7 @@ class _LazyQueue:
         if self.queue is None:
             s, extra = self.stage.config, self.extra
             runtime = self.stage.require_runtime()
-            request = PoolRequest("retrain", actors=s.actors or None, model=s.model, gpus_per_actor=s.gpus_per_actor)
+            request = s.pool_request(s.model)
             config = s.recipe().train_config(runtime.device(request))  # as the pool's resources decide
             test_set = self.stage.settings.data.load("test", subset=False)
             extra["targets"] = target_arrays(test_set, extra["target_ids"])

@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from attribution.artifacts import ids_digest, reuse, write_table
+from attribution.artifacts import ids_digest, reuse
 from attribution.settings import Section, setting
 from attribution.stages import Flag, Plan, Stage, register_stage
 
@@ -150,7 +150,6 @@ class TrakStage(Stage):
 
     # ------------------------------------------------------------------ run
     def run(self, plan: Plan) -> dict:
-        from attribution.scores import rank_block
 
         x = plan.extra
         for path in x["stale"]:
@@ -158,7 +157,7 @@ class TrakStage(Stage):
         result = {"computed": [], "trained_checkpoints": 0, "train_seconds": 0.0}
         for c in x["rerank"]:
             block = x["store"].read(METHOD, block_name(c))
-            result["computed"].append(self.write_ranking(rank_block(block, x["top_k"]), c, x["wanted"][c]))
+            result["computed"].append(self.write_ranking(block, c, x["wanted"][c], x["top_k"]))
         if plan.todo:
             self.compute(plan, result)
         return result
@@ -170,7 +169,7 @@ class TrakStage(Stage):
         from attribution import retrain
         from attribution.baselines.trak import train_checkpoints
         from attribution.methods import Targets, TrainingData
-        from attribution.scores import concat_blocks, rank_block
+        from attribution.scores import concat_blocks
 
         x = plan.extra
         s, train, targets, config, method = self.config, x["train"], x["targets"], x["config"], x["method"]
@@ -205,18 +204,17 @@ class TrakStage(Stage):
                 if remaining[c] == 0:  # every target of the class is scored: its block, then its ranking
                     class_block = concat_blocks(parts.pop(c))
                     x["store"].write(class_block, block_name(c), x["wanted"][c]["scores"])
-                    ranking = rank_block(class_block, x["top_k"])
-                    result["computed"].append(self.write_ranking(ranking, c, x["wanted"][c]))
+                    result["computed"].append(self.write_ranking(class_block, c, x["wanted"][c], x["top_k"]))
         result.update(projector=method.projector_, device=method.device_,
                       featurize_seconds=method.featurize_seconds_, score_seconds=method.score_seconds_)
 
-    def write_ranking(self, ranking, label: int, wanted: dict) -> str:
-        """The ranking file of one class (written after its score block: it marks the class done)."""
-        from attribution.ranking import ranking_file_name, sort_rankings
+    def write_ranking(self, block, label: int, wanted: dict, top_k: int) -> str:
+        """The ranking file of one class, derived from its score block (written last: it marks the class done)."""
+        from attribution.ranking import ranking_file_name
+        from attribution.scores import write_ranking
 
         path = self.exp.path("rankings") / ranking_file_name(METHOD, label)
-        write_table(sort_rankings(ranking), path, settings=wanted["ranking"])
-        return path.name
+        return write_ranking(block, top_k, path, wanted["ranking"]).name
 
     # ------------------------------------------------------------------ finish
     def finish(self, plan: Plan, result: dict) -> dict:
