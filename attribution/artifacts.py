@@ -195,3 +195,96 @@ def reuse(path: str | os.PathLike, wanted: Mapping, fix: str, force: bool = Fals
         return False
     check_settings(str(path), stored, wanted, fix)
     return True  # unreachable: check_settings raised
+
+
+# ----------------------------------------------------------------------------- destructive rewrites
+
+ASIDE_PREFIX = ".aside-"
+DISCARD_PREFIX = ".discard-"
+
+
+def aside_path(path: str | os.PathLike) -> Path:
+    """Where :func:`aside` keeps the old version of ``path`` while it is rewritten."""
+    path = Path(path)
+    return path.with_name(ASIDE_PREFIX + path.name)
+
+
+@contextlib.contextmanager
+def aside(paths, keep: Mapping | None = None) -> Iterator[list[Path]]:
+    """Move the existing ``paths`` (files or folders) out of the way of a destructive
+    rewrite (``--overwrite``, ``--force``) and yield the ones moved.
+
+    Each is renamed to a hidden ``.aside-NAME`` beside it (hidden: no reader or upload
+    sees it). If the block raises (any exception, Ctrl-C included), whatever it wrote at
+    a moved path is removed and the old version is renamed back, so a rewrite that fails
+    its checks destroys nothing finished. If it succeeds, the old versions are deleted,
+    or renamed to ``keep[path]`` when given (pretrain keeps ``moco-<hash>.pt``). A
+    process killed inside the block leaves the ``.aside-`` names: the next holder of the
+    experiment lock restores them (:func:`restore_asides`)."""
+    keep = {Path(k): Path(v) for k, v in (keep or {}).items()}
+    moved: list[Path] = []
+    try:
+        for path in map(Path, paths):
+            hidden = aside_path(path)
+            if os.path.lexists(hidden):  # an earlier rewrite was killed: its old version is the finished one
+                restore_aside(hidden)
+            if os.path.lexists(path):
+                os.replace(path, hidden)
+                moved.append(path)
+        yield list(moved)
+    except BaseException:
+        for path in reversed(moved):
+            restore_aside(aside_path(path))
+        raise
+    for path in moved:
+        hidden = aside_path(path)
+        if path in keep:
+            os.replace(hidden, keep[path])
+        else:
+            # renamed first, deleted second: a kill while deleting leaves a .discard- name
+            # (deleted by the next lock holder), never a half-deleted .aside- to restore
+            trash = path.with_name(DISCARD_PREFIX + path.name)
+            _remove(trash)
+            os.replace(hidden, trash)
+            _remove(trash)
+
+
+def restore_aside(hidden: str | os.PathLike) -> Path:
+    """Put the ``.aside-NAME`` at ``hidden`` back at ``NAME``, replacing what is there now."""
+    hidden = Path(hidden)
+    if not hidden.name.startswith(ASIDE_PREFIX):
+        raise ValueError(f"{hidden} is not an aside name ({ASIDE_PREFIX}NAME)")
+    path = hidden.with_name(hidden.name[len(ASIDE_PREFIX):])
+    _remove(path)
+    os.replace(hidden, path)
+    return path
+
+
+def restore_asides(root: str | os.PathLike) -> list[Path]:
+    """Restore every ``.aside-`` under ``root`` and delete every ``.discard-`` left by a
+    process killed inside :func:`aside`; returns the restored paths. Call it only while
+    holding the experiment's lock (no live rewrite can own them then)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = sorted((p for p in root.rglob("*") if p.name.startswith((ASIDE_PREFIX, DISCARD_PREFIX))),
+                   key=lambda p: len(p.parts))
+    restored, handled = [], []
+    for path in found:
+        if any(parent in handled for parent in path.parents):
+            continue  # inside a folder already restored or deleted
+        handled.append(path)
+        if path.name.startswith(DISCARD_PREFIX):
+            _remove(path)
+        else:
+            restored.append(restore_aside(path))
+    return restored
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        import shutil
+
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()

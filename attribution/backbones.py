@@ -56,8 +56,6 @@ from __future__ import annotations
 import os
 import re
 import warnings
-import zipfile
-import pickle
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -90,6 +88,11 @@ FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "efficientnet_lite0": 1280}
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and the fix."""
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """The checkpoint path does not exist (a FileNotFoundError, so callers that treat
+    missing files alike keep working); the message names the path and the fix."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -254,11 +257,17 @@ def build_trunk(spec: BackboneSpec) -> tuple[nn.Module, int]:
 # ----------------------------------------------------------------------------- checkpoint files
 
 
+REMAKE_CHECKPOINT = ("Download or copy it again, or delete it and rerun 'attribution pretrain --exp EXP' "
+                     "for a project checkpoint")
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load`` a checkpoint (tensors and plain containers only), with clear errors."""
+    """``torch.load`` a checkpoint (tensors and plain containers only), with clear errors:
+    :class:`CheckpointNotFoundError`, :class:`CheckpointError` (a directory, Python objects)
+    or :class:`CorruptCheckpointError` (anything torch cannot read)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"checkpoint {path} does not exist: check the path, or run 'attribution pretrain --exp EXP' "
             "to make EXP/checkpoints/moco.pt"
         )
@@ -268,19 +277,35 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         # weights_only: a checkpoint is data, never code to run (MoCo's files hold only
         # tensors, ints and strings, so they load this way).
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
-        if "weights only load failed" in str(error).lower() and path.stat().st_size > 0:
+    except PermissionError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be opened ({error.strerror}): make it readable "
+                              f"(chmod a+r {path})") from error
+    except Exception as error:
+        # Damaged bytes surface as whatever the unpickler trips on (IndexError, KeyError,
+        # UnpicklingError, RuntimeError, OSError, ...): every one of them is "cannot be
+        # read", except the weights-only refusal of a Python class, which a re-save fixes.
+        if "unsupported global" in str(error).lower():
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects besides tensors, which are not loaded (they could "
                 "run code). If you trust the file, re-save its weights: torch.save(torch.load(path, "
                 "weights_only=False)['state_dict'], 'weights.pt') and pass that file."
             ) from error
-        size, reason = path.stat().st_size, (str(error).splitlines() or ["empty file"])[0][:200]
         raise CorruptCheckpointError(
-            f"checkpoint {path} ({size} bytes) is truncated or corrupt and cannot be read "
-            f"({type(error).__name__}: {reason}). Download or copy it again, "
-            "or delete it and rerun 'attribution pretrain' for a project checkpoint."
+            f"checkpoint {path} ({path.stat().st_size} bytes) is truncated or corrupt and cannot be read "
+            f"({_load_failure(error)}). {REMAKE_CHECKPOINT}."
         ) from error
+
+
+def _load_failure(error: Exception) -> str:
+    """A short reason from torch.load's error (its weights-only messages are paragraphs)."""
+    text = str(error)
+    operand = re.search(r"Unsupported operand \d+", text)
+    if operand:
+        return f"{type(error).__name__}: {operand.group(0)}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0]
+    if not first:
+        first = "empty file" if isinstance(error, EOFError) else "no details"
+    return f"{type(error).__name__}: {first[:160]}"
 
 
 def _unwrap(obj: Any) -> Any:
@@ -300,13 +325,20 @@ def _is_tensor_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def detect_format(obj: Any) -> str:
-    """The ``CHECKPOINT_FORMATS`` key a loaded checkpoint object matches."""
+def detect_format(obj: Any, path: Any = None) -> str:
+    """The ``CHECKPOINT_FORMATS`` key a loaded checkpoint object matches (``path``: the
+    file it came from, named in the errors)."""
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        if not (isinstance(obj.get("spec"), Mapping) and _is_tensor_dict(obj.get("trunk"))):
+            # readable, but not what save_backbone_checkpoint writes: indexing it would
+            # fail later with a bare KeyError
+            raise CorruptCheckpointError(
+                f"checkpoint{' ' + str(path) if path else ''} is marked {CHECKPOINT_FORMAT!r} but lacks its "
+                f"'spec' or 'trunk' (keys: {sorted(map(str, obj))[:10]}). {REMAKE_CHECKPOINT}.")
         return "attribution"
     state = _unwrap(obj)
     if not _is_tensor_dict(state):
-        raise UnknownCheckpointFormatError(_unknown_message(obj))
+        raise UnknownCheckpointFormatError(_unknown_message(obj, path))
     keys = [k[len("module."):] if k.startswith("module.") else k for k in state]
     if any(k.startswith("encoder_q.") for k in keys):
         return "moco_v1v2"
@@ -318,7 +350,7 @@ def detect_format(obj: Any) -> str:
         return "lightly"
     if any(re.match(r"^(backbone\.)?(conv1\.weight|layer1\.)", k) for k in keys):
         return "torchvision"
-    raise UnknownCheckpointFormatError(_unknown_message(obj))
+    raise UnknownCheckpointFormatError(_unknown_message(obj, path))
 
 
 def _unknown_message(obj: Any, path: Any = None) -> str:
@@ -370,7 +402,7 @@ def spec_from_checkpoint(path: str | os.PathLike) -> BackboneSpec:
     the first conv's kernel, input channels from its shape).
     """
     obj = read_checkpoint(path)
-    fmt = detect_format(obj)
+    fmt = detect_format(obj, path)
     if fmt == "attribution":
         stored = dict(obj["spec"])
         stored["checkpoint"] = os.fspath(path)
@@ -454,8 +486,10 @@ def save_backbone_checkpoint(model: FeatureExtractor, path: str | os.PathLike, *
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """A project checkpoint's stored fields other than the weights."""
     obj = read_checkpoint(path)
-    if detect_format(obj) != "attribution":
-        raise CheckpointError(f"{path} is not a project checkpoint (it is {detect_format(obj)!r})")
+    fmt = detect_format(obj, path)
+    if fmt != "attribution":
+        raise CheckpointError(f"{path} is not a project checkpoint (it is {fmt!r}): pass a file written by "
+                              "'attribution pretrain'")
     return {k: v for k, v in obj.items() if k != "trunk"}
 
 
@@ -467,10 +501,7 @@ def load_backbone(spec: BackboneSpec) -> FeatureExtractor:
     obj = fmt = None
     if spec.checkpoint:
         obj = read_checkpoint(spec.checkpoint)
-        try:
-            fmt = detect_format(obj)
-        except UnknownCheckpointFormatError:
-            raise UnknownCheckpointFormatError(_unknown_message(obj, spec.checkpoint)) from None
+        fmt = detect_format(obj, spec.checkpoint)
         if fmt == "attribution":
             stored = BackboneSpec.from_dict({**obj["spec"], "checkpoint": spec.checkpoint})
             differ = {f: (getattr(spec, f), getattr(stored, f)) for f in

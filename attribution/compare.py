@@ -40,6 +40,13 @@ def compare_experiments(exp_dirs: Sequence[str | os.PathLike], labels: Sequence[
         raise ValueError("give at least one experiment directory to compare")
     if labels is not None and len(labels) != len(exp_dirs):
         raise ValueError(f"{len(labels)} labels for {len(exp_dirs)} experiments: give one label per experiment")
+    if labels is not None and len(set(labels)) != len(labels):
+        raise ValueError(f"the labels {list(labels)} repeat a name: give each experiment its own label")
+    if labels is None:  # two runs of one preset: tell them apart by folder (one table row / bar each)
+        names = [experiment_label(exp_dir) for exp_dir in exp_dirs]
+        labels = [f"{name} ({Path(exp_dir).name})" if names.count(name) > 1 else name
+                  for name, exp_dir in zip(names, exp_dirs)]
+        labels = [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
     frames = []
     for position, exp_dir in enumerate(exp_dirs):
         exp = Experiment(exp_dir)
@@ -51,7 +58,7 @@ def compare_experiments(exp_dirs: Sequence[str | os.PathLike], labels: Sequence[
         if limit is None:
             raise ValueError(f"{exp.root}: cannot tell the largest k its support stage tried")
         summary = M.support_summary(support, limit, n_boot=n_boot, confidence=confidence, seed=seed)
-        summary.insert(0, "experiment", labels[position] if labels else experiment_label(exp_dir))
+        summary.insert(0, "experiment", labels[position])
         summary.insert(1, "limit", limit)
         frames.append(summary)
     return pd.concat(frames, ignore_index=True)
@@ -87,9 +94,9 @@ def plot_comparison(table: pd.DataFrame, path: Path) -> Path:
 def write_comparison(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                      labels: Sequence[str] | None = None, **kwargs) -> tuple[Path, Path]:
     """``out_dir``/comparison.md (+ comparison.csv, comparison.png); returns (md, csv)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = compare_experiments(exp_dirs, labels, **kwargs)
+    out = Path(out_dir)  # created only now: a comparison that fails leaves no folder behind
+    out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "comparison.csv"
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)

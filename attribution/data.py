@@ -9,10 +9,16 @@ stage can be joined on them.
 Loaders:
 - Fashion-MNIST: the original IDX files (Debian package ``dataset-fashion-mnist``
   installs them under /usr/share/datasets/fashion-mnist), decompressed once into a
-  cache and memory-mapped; torchvision's download is the fallback where a network
-  exists.
+  cache and memory-mapped. Without a root: the system copy, then the cache, then
+  torchvision's download where a network exists. With a root (``data.root``): that
+  folder only, so a root without the files is an error, never a silent switch to
+  another copy.
 - CIFAR-10: the torchvision (python pickle) layout, ``ROOT/cifar-10-batches-py``.
 - ImageNet: the ImageFolder layout, ``ROOT/train/<wnid>/*.JPEG``, ``ROOT/val/<wnid>/*``.
+
+Errors: :class:`DatasetNotFoundError` (a ``FileNotFoundError``) when files are missing,
+:class:`DatasetCorruptError` (a ``ValueError``) when a file exists but cannot be read;
+both messages name the file or folder and the fix, on one line.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing; the message says where we looked and how to get them."""
+
+
+class DatasetCorruptError(ValueError):
+    """A dataset file exists but cannot be read (truncated, not the expected format);
+    the message names the file and how to replace it."""
 
 
 def cache_dir() -> Path:
@@ -202,29 +213,60 @@ class FolderImageSet(ImageSet):
 # ----------------------------------------------------------------------------- IDX
 
 
+REINSTALL_FASHION_MNIST = ("replace the file: 'apt-get install --reinstall dataset-fashion-mnist' for the "
+                           "system copy, or copy it again into data.root")
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally .gz) fully into memory."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        # a cut-off download or copy: gzip reports it as EOFError / BadGzipFile
+        raise DatasetCorruptError(
+            f"{path} is truncated or corrupt and cannot be decompressed ({type(error).__name__}: {error}); "
+            f"{REINSTALL_FASHION_MNIST}"
+        ) from error
     return _parse_idx(data, path)
 
 
 def _parse_idx(data: bytes, path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise DatasetCorruptError(f"{path} is not an IDX file (bad magic number); {REINSTALL_FASHION_MNIST}")
     dtype_code, ndim = data[2], data[3]
     if dtype_code != 0x08:
-        raise ValueError(f"{path}: only unsigned-byte IDX files are supported (type code {dtype_code:#x})")
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+        raise DatasetCorruptError(f"{path}: only unsigned-byte IDX files are supported (type code "
+                                  f"{dtype_code:#x}); {REINSTALL_FASHION_MNIST}")
     offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise DatasetCorruptError(f"{path} is truncated or corrupt: its header is cut off; {REINSTALL_FASHION_MNIST}")
+    shape = struct.unpack(">" + "I" * ndim, data[4:offset])
     expected = int(np.prod(shape))
     if len(data) - offset != expected:
-        raise ValueError(
+        raise DatasetCorruptError(
             f"{path} is truncated or corrupt: header says {shape} ({expected} bytes) "
-            f"but it holds {len(data) - offset} bytes; reinstall the dataset"
+            f"but it holds {len(data) - offset} bytes; {REINSTALL_FASHION_MNIST}"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def _idx_size_matches(path: Path) -> bool:
+    """True when a cached raw IDX file is as long as its header says (a cache damaged
+    after it was written is decompressed again instead of failing in np.memmap)."""
+    with open(path, "rb") as handle:
+        header = handle.read(4)
+        if len(header) < 4:
+            return False
+        ndim = header[3]
+        dims = handle.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        return False
+    shape = struct.unpack(">" + "I" * ndim, dims)
+    return path.stat().st_size == 4 + 4 * ndim + int(np.prod(shape))
 
 
 def _idx_memmap(gz_path: Path, cache: Path) -> np.ndarray:
@@ -232,7 +274,8 @@ def _idx_memmap(gz_path: Path, cache: Path) -> np.ndarray:
     target = cache / (gz_path.name[:-3] if gz_path.name.endswith(".gz") else gz_path.name + ".raw")
     stamp = f"{gz_path.stat().st_size}-{int(gz_path.stat().st_mtime)}"
     stamp_file = target.with_suffix(".stamp")
-    if not (target.exists() and stamp_file.exists() and stamp_file.read_text() == stamp):
+    if not (target.exists() and stamp_file.exists() and stamp_file.read_text() == stamp
+            and _idx_size_matches(target)):
         read_idx(gz_path)  # validates the header and length before anything is cached
         opener = gzip.open if gz_path.name.endswith(".gz") else open
         # a reader never sees a half-written cache file
@@ -252,33 +295,70 @@ FASHION_MNIST_FILES = {
 }
 
 
-def _find_fashion_mnist(root: str | os.PathLike | None) -> Path | None:
-    candidates = [Path(root)] if root else []
-    candidates += [FASHION_MNIST_SYSTEM_DIR, cache_dir() / "fashion-mnist"]
-    for folder in candidates:
-        for sub in (folder, folder / "FashionMNIST" / "raw"):
-            if all((sub / name).exists() for pair in FASHION_MNIST_FILES.values() for name in pair):
-                return sub
+FASHION_MNIST_FILE_NAMES = tuple(name for pair in FASHION_MNIST_FILES.values() for name in pair)
+
+
+def _fashion_mnist_folder(folder: Path) -> Path | None:
+    """``folder`` or torchvision's ``folder/FashionMNIST/raw`` when it holds all four files."""
+    for sub in (folder, folder / "FashionMNIST" / "raw"):
+        if all((sub / name).exists() for name in FASHION_MNIST_FILE_NAMES):
+            return sub
     return None
 
 
-def load_fashion_mnist(split: str, root=None, download: bool = True) -> ArrayImageSet:
+def _find_fashion_mnist(root: str | os.PathLike | None) -> Path | None:
+    # A root the user typed is the only place looked at: falling back to another copy
+    # would run the experiment on data other than the one asked for.
+    if root:
+        return _fashion_mnist_folder(Path(root))
+    for folder in (FASHION_MNIST_SYSTEM_DIR, cache_dir() / "fashion-mnist"):
+        found = _fashion_mnist_folder(folder)
+        if found is not None:
+            return found
+    return None
+
+
+def _missing_root_message(root: Path) -> str:
+    if not root.exists():
+        where = f"data.root {root} does not exist"
+    elif not root.is_dir():
+        where = f"data.root {root} is not a folder"
+    else:
+        missing = [n for n in FASHION_MNIST_FILE_NAMES if not (root / n).exists()]
+        where = f"data.root {root} lacks Fashion-MNIST files {missing} (also looked in {root / 'FashionMNIST' / 'raw'})"
+    return (f"{where}; it must hold {', '.join(FASHION_MNIST_FILE_NAMES)}. Fix: copy those four files into "
+            f"{root}, point data.root at the folder holding them (--set data.root=PATH), or leave it empty "
+            f"(--set data.root=) to use the system copy in {FASHION_MNIST_SYSTEM_DIR} "
+            "(installed by 'bash scripts/setup.sh')")
+
+
+def _fashion_mnist_at_root(root) -> Path:
+    """The folder under data.root holding the four files, or the error naming root and the fix."""
     folder = _find_fashion_mnist(root)
-    if folder is None and download:
-        folder = _download_fashion_mnist(root)
     if folder is None:
-        looked = ", ".join(str(p) for p in ([Path(root)] if root else []) + [FASHION_MNIST_SYSTEM_DIR])
+        raise DatasetNotFoundError(_missing_root_message(Path(root)))
+    return folder
+
+
+def load_fashion_mnist(split: str, root=None, download: bool = True) -> ArrayImageSet:
+    folder = _fashion_mnist_at_root(root) if root else _find_fashion_mnist(None)
+    if folder is None and download:
+        folder = _download_fashion_mnist(None)
+    if folder is None:
+        looked = ", ".join(str(p) for p in (FASHION_MNIST_SYSTEM_DIR, cache_dir() / "fashion-mnist"))
         raise DatasetNotFoundError(
-            f"Fashion-MNIST IDX files not found (looked in {looked}). Install them with "
-            "'apt-get update && apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or pass "
-            "--data-root to a folder holding train-images-idx3-ubyte.gz and friends."
+            f"Fashion-MNIST IDX files not found (looked in {looked}; torchvision's download failed). "
+            "Install them with 'apt-get update && apt-get install dataset-fashion-mnist' (Debian/Ubuntu; "
+            "'bash scripts/setup.sh' does this), or set data.root to a folder holding "
+            f"{', '.join(FASHION_MNIST_FILE_NAMES)} (--set data.root=PATH)"
         )
     image_file, label_file = FASHION_MNIST_FILES[split]
     cache = cache_dir() / "idx"
     pixels = _idx_memmap(folder / image_file, cache)
     labels = read_idx(folder / label_file).astype(np.int64)
     if pixels.shape[0] != labels.shape[0]:
-        raise ValueError(f"Fashion-MNIST {split}: {pixels.shape[0]} images but {labels.shape[0]} labels")
+        raise DatasetCorruptError(f"Fashion-MNIST {split} in {folder}: {pixels.shape[0]} images but "
+                                  f"{labels.shape[0]} labels; {REINSTALL_FASHION_MNIST}")
     offset = 0 if split == "train" else 60000
     ids = np.arange(len(labels), dtype=np.int64) + offset
     return ArrayImageSet("fashion-mnist", split, pixels[..., None], labels, ids,
@@ -286,7 +366,8 @@ def load_fashion_mnist(split: str, root=None, download: bool = True) -> ArrayIma
 
 
 def _download_fashion_mnist(root) -> Path | None:
-    """torchvision's download, for machines with a network but without the Debian package."""
+    """torchvision's download into the cache, for machines with a network but without the
+    Debian package (only when no data.root was given)."""
     target = Path(root) if root else cache_dir() / "fashion-mnist"
     try:
         from torchvision.datasets import FashionMNIST
@@ -301,13 +382,24 @@ def _download_fashion_mnist(root) -> Path | None:
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
-def load_cifar10(split: str, root) -> ArrayImageSet:
+CIFAR10_MAKE = ("python3 -c 'import torchvision; torchvision.datasets.CIFAR10(\"PATH\", download=True)' "
+                "on a machine with a network makes it")
+
+
+def _cifar10_batches(split: str, root) -> list[Path]:
+    """The batch files of ``split`` under data.root, or the error naming what is missing and the fix."""
     if root is None:
         raise DatasetNotFoundError(
-            "CIFAR-10 needs --data-root: a folder holding cifar-10-batches-py/ (torchvision's layout; "
-            "'torchvision.datasets.CIFAR10(ROOT, download=True)' on a machine with a network makes it)."
+            "CIFAR-10 (data.dataset = 'cifar10') needs data.root: set it to the folder holding "
+            f"cifar-10-batches-py/ (--set data.root=PATH; torchvision's layout, {CIFAR10_MAKE})"
         )
     folder = Path(root)
+    if not folder.is_dir():
+        raise DatasetNotFoundError(
+            f"CIFAR-10 data.root {folder} {'is not a folder' if folder.exists() else 'does not exist'}: "
+            "set data.root to the folder holding "
+            f"cifar-10-batches-py/ (--set data.root=PATH; {CIFAR10_MAKE})"
+        )
     if (folder / "cifar-10-batches-py").is_dir():
         folder = folder / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -315,18 +407,18 @@ def load_cifar10(split: str, root) -> ArrayImageSet:
     if missing:
         raise DatasetNotFoundError(
             f"CIFAR-10 {split} files {missing} not found in {folder}. Expected torchvision's layout "
-            "ROOT/cifar-10-batches-py/{data_batch_1..5,test_batch}; "
-            "'torchvision.datasets.CIFAR10(ROOT, download=True)' on a machine with a network makes it."
+            "PATH/cifar-10-batches-py/{data_batch_1..5,test_batch}: point data.root at PATH "
+            f"(--set data.root=PATH); {CIFAR10_MAKE}"
         )
+    return [folder / name for name in names]
+
+
+def load_cifar10(split: str, root) -> ArrayImageSet:
     pixels, labels = [], []
-    for name in names:
-        with open(folder / name, "rb") as handle:
-            try:
-                batch = pickle.load(handle, encoding="latin1")
-            except Exception as error:
-                raise ValueError(f"{folder / name} is not a CIFAR-10 python batch: {error}") from error
-        pixels.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    for path in _cifar10_batches(split, root):
+        batch_pixels, batch_labels = _read_cifar10_batch(path)
+        pixels.append(batch_pixels)
+        labels.append(batch_labels)
     pixels_all, labels_all = np.concatenate(pixels), np.concatenate(labels)
     offset = 0 if split == "train" else 50000
     ids = np.arange(len(labels_all), dtype=np.int64) + offset
@@ -334,15 +426,46 @@ def load_cifar10(split: str, root) -> ArrayImageSet:
                          mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 
 
+def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One python-pickle batch -> (uint8 NHWC pixels, int64 labels); a damaged or foreign
+    file is a DatasetCorruptError naming it, whatever unpickling or reshaping raised."""
+    replace = f"replace it with a fresh copy of the batch ({CIFAR10_MAKE})"
+    try:
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="latin1")
+    except Exception as error:  # truncated or garbage bytes raise any of a dozen types
+        raise DatasetCorruptError(
+            f"{path} is not a readable CIFAR-10 python batch ({type(error).__name__}: {str(error)[:200]}); {replace}"
+        ) from error
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        found = sorted(map(str, batch))[:10] if isinstance(batch, dict) else type(batch).__name__
+        raise DatasetCorruptError(
+            f"{path} is not a CIFAR-10 python batch (expected a dict with 'data' and 'labels', found {found}); "
+            f"{replace}"
+        )
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
+        raise DatasetCorruptError(
+            f"{path}: 'data' is shaped {data.shape} for {len(labels)} labels, expected ({len(labels)}, 3072); "
+            f"{replace}"
+        )
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
 # ----------------------------------------------------------------------------- ImageNet
 
 
-def _list_image_folder(folder: Path, classes: list[str] | None):
+def _require_image_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise DatasetNotFoundError(
             f"ImageNet folder {folder} not found. Expected the ImageFolder layout "
-            "ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG (val sorted into class folders)."
+            "PATH/train/<wnid>/*.JPEG and PATH/val/<wnid>/*.JPEG (val sorted into class folders): "
+            "point data.root at PATH (--set data.root=PATH)"
         )
+
+
+def _list_image_folder(folder: Path, classes: list[str] | None):
+    _require_image_folder(folder)
     found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     classes = classes or found
     paths, labels = [], []
@@ -356,10 +479,18 @@ def _list_image_folder(folder: Path, classes: list[str] | None):
     return classes, paths, labels
 
 
-def load_imagenet(split: str, root, size: int = 224) -> FolderImageSet:
+IMAGENET_SPLIT_FOLDERS = {"train": "train", "test": "val"}
+
+
+def _imagenet_root(root) -> Path:
     if root is None:
-        raise DatasetNotFoundError("ImageNet needs --data-root: a folder with train/ and val/ in ImageFolder layout.")
-    root = Path(root)
+        raise DatasetNotFoundError("ImageNet (data.dataset = 'imagenet') needs data.root: set it to a folder "
+                                   "with train/ and val/ in ImageFolder layout (--set data.root=PATH)")
+    return Path(root)
+
+
+def load_imagenet(split: str, root, size: int = 224) -> FolderImageSet:
+    root = _imagenet_root(root)
     # Class order (and so labels) comes from train/; val ids follow all train ids.
     classes, train_paths, train_labels = _list_image_folder(root / "train", None)
     if split == "train":
@@ -368,7 +499,9 @@ def load_imagenet(split: str, root, size: int = 224) -> FolderImageSet:
         _, paths, labels = _list_image_folder(root / "val", classes)
         offset = len(train_paths)
     if not paths:
-        raise DatasetNotFoundError(f"no images under {root / ('train' if split == 'train' else 'val')}")
+        raise DatasetNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root / IMAGENET_SPLIT_FOLDERS[split]}/<wnid>/: "
+            "point data.root at an ImageFolder layout (--set data.root=PATH)")
     ids = np.arange(len(paths), dtype=np.int64) + offset
     return FolderImageSet("imagenet", split, paths, labels, ids, classes,
                           mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), size=size,
@@ -395,13 +528,37 @@ class DatasetSpec:
         return load_dataset(self.name, self.split, root=self.root, n_per_class=self.n_per_class, seed=self.seed)
 
 
+def _root_path(root) -> str | None:
+    """data.root as given ("" in a preset: the default location; ``~`` expanded)."""
+    return os.path.expanduser(os.fspath(root)) if root else None
+
+
+def check_dataset_files(name: str, root=None, splits: Sequence[str] = SPLITS) -> None:
+    """Raise the loader's own :class:`DatasetNotFoundError` when ``name``'s files for
+    ``splits`` are not where ``root`` says; existence only, nothing is read, so a command
+    can check its inputs before it deletes or computes anything. Fashion-MNIST without a
+    root is not checked here: the loader may still find or download it."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    root = _root_path(root)
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if name == "fashion-mnist" and root:
+            _fashion_mnist_at_root(root)
+        elif name == "cifar10":
+            _cifar10_batches(split, root)
+        elif name == "imagenet":
+            _require_image_folder(_imagenet_root(root) / IMAGENET_SPLIT_FOLDERS[split])
+
+
 def load_dataset(name: str, split: str, root=None, n_per_class: int | None = None, seed: int = 0) -> ImageSet:
     """Load one split of a dataset, optionally a seeded ``n_per_class`` subset."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = root or None  # presets write "" for "the default location"
+    root = _root_path(root)
     if name == "fashion-mnist":
         data = load_fashion_mnist(split, root)
     elif name == "cifar10":

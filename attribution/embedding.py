@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -63,7 +62,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attribution.artifacts import SettingsChanged, differences, file_sha256, write_bytes, write_json, write_table
+from attribution.artifacts import (SettingsChanged, aside, differences, file_sha256, write_bytes, write_json,
+                                  write_table)
 from attribution.data import DatasetSpec, ImageSet, cache_dir
 from attribution.experiment import Experiment
 from attribution.workqueue import PoolRequest, QueueWorker, Runtime
@@ -562,7 +562,7 @@ def plan_embedding(folder: str | os.PathLike, dataset_specs: Sequence[DatasetSpe
     loaded ones, by split name) and the model is built once (it gives the dim and fails
     on a bad checkpoint). Then the stored manifest is compared with the requested
     settings (:class:`EmbeddingManifestMismatch` unless ``overwrite``, which plans every
-    shard; :func:`run_embedding` deletes the folder first)."""
+    shard; :func:`run_embedding` moves the old folder aside, restored if the new one fails)."""
     folder = Path(folder)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -637,6 +637,17 @@ def shard_key(item: tuple[DatasetSpec, Shard]) -> str:
 
 def run_embedding(plan: EmbeddingPlan, runtime: Runtime, *, actors: int | None = None,
                   threads: int | None = None, progress: bool = True) -> dict:
+    """:func:`compute_embedding`; with ``plan.overwrite`` the old folder (shards and
+    manifest) is moved aside first and restored when the new embedding fails, on any
+    error or interrupt before every split passed its id check (:func:`attribution.artifacts.aside`)."""
+    if not plan.overwrite:
+        return compute_embedding(plan, runtime, actors=actors, threads=threads, progress=progress)
+    with aside([plan.folder]):
+        return compute_embedding(plan, runtime, actors=actors, threads=threads, progress=progress)
+
+
+def compute_embedding(plan: EmbeddingPlan, runtime: Runtime, *, actors: int | None = None,
+                      threads: int | None = None, progress: bool = True) -> dict:
     """Compute the plan's pending shards on ``runtime``'s "embed" pool and write them.
 
     The manifest records the plan first (the splits incomplete), each shard's table is
@@ -650,9 +661,7 @@ def run_embedding(plan: EmbeddingPlan, runtime: Runtime, *, actors: int | None =
     (shards put back after a lost worker), ``retried``, ``seconds``, ``images_per_s``.
     """
     start = time.perf_counter()
-    folder = plan.folder
-    if plan.overwrite and folder.exists():
-        shutil.rmtree(folder)
+    folder = plan.folder  # with --overwrite, run_embedding moved the old one aside
     folder.mkdir(parents=True, exist_ok=True)
     for split in plan.splits:
         record_split(folder, split)
@@ -663,7 +672,7 @@ def run_embedding(plan: EmbeddingPlan, runtime: Runtime, *, actors: int | None =
                for s in plan.splits}
     work = plan.work
     workers: dict[str, int] = {}
-    size = requeued = retried = 0
+    size = requeued = retried = replaced = 0
     if work:
         request = PoolRequest("embed", actors=actors or None, max_items=len(work), threads=max(1, int(threads or 1)))
         checkpoint_bytes = Path(plan.backbone_spec.checkpoint).read_bytes() if plan.checkpoint_sha256 else None
@@ -685,7 +694,7 @@ def run_embedding(plan: EmbeddingPlan, runtime: Runtime, *, actors: int | None =
                     summary[spec.split]["computed"] += 1
                     workers[done.worker] = workers.get(done.worker, 0) + 1
                     bar.update(shard.rows)
-                requeued, retried = queue.requeued, queue.retried
+                requeued, retried, replaced = queue.requeued, queue.retried, queue.replaced
         finally:
             bar.close()
     for split in plan.splits:
@@ -694,7 +703,8 @@ def run_embedding(plan: EmbeddingPlan, runtime: Runtime, *, actors: int | None =
     seconds = time.perf_counter() - start
     computed_rows = sum(shard.rows for _, shard in work)
     return {"splits": summary, "dim": plan.dim, "dtype": plan.dtype, "path": str(folder), "actors": size,
-            "workers": workers, "requeued": requeued, "retried": retried, "seconds": round(seconds, 2),
+            "workers": workers, "requeued": requeued, "retried": retried, "replaced": replaced,
+            "seconds": round(seconds, 2),
             "images_per_s": round(computed_rows / seconds, 1) if computed_rows else None}
 
 

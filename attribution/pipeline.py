@@ -5,6 +5,14 @@ Every section of the preset is parsed and validated before the first stage start
 (:func:`attribution.stages.select_stages`), and each stage of the registry whose
 section the preset has runs in pipeline order. Each stage reads what the earlier ones
 wrote and skips work already done, so rerunning the same command resumes.
+
+Nothing is recorded before the checks pass: the run holds the experiment's lock (one
+writer at a time), refuses a preset whose [data] differs from the one the experiment
+records (its artifacts were made on other images), runs every selected stage's
+:meth:`~attribution.stages.base.Stage.preflight` (inputs present or produced by an
+earlier selected stage, data files present), and records the preset in the manifest
+only once the first stage's plan passed its checks (the stage's settings compared with
+what EXP holds), so a run refused at any of these steps leaves manifest.json as it was.
 """
 
 from __future__ import annotations
@@ -12,8 +20,15 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from attribution.artifacts import SettingsChanged, differences
 from attribution.experiment import Experiment
+from attribution.settings import DataSettings
 from attribution.stages import parse_settings, select_stages, stage_class
+
+# [data] keys that decide which images the artifacts were made on. The root is left out:
+# the same files may live in another folder on another machine (the stages compare what
+# they load: embedding ids, checkpoint settings).
+DATA_COMPARED = ("dataset", "train_per_class", "test_per_class", "seed")
 
 
 class Pipeline:
@@ -32,20 +47,56 @@ class Pipeline:
         """The stages that run: the selected ones (all by default) that the preset has."""
         return [n for n in select_stages(names) if n in self.settings.present]
 
+    def check_recorded_data(self) -> None:
+        """:class:`SettingsChanged` when the experiment records a preset with another [data]
+        selection: every artifact in it was made on other images."""
+        recorded = (self.exp.manifest().get("preset") or {}).get("preset")
+        if not recorded:
+            return
+        try:
+            old = DataSettings.from_preset(recorded).to_dict()
+        except ValueError:  # a manifest written by an older version: the stages' own checks decide
+            return
+        new = self.settings.data.to_dict()
+        changes = differences({k: old[k] for k in DATA_COMPARED}, {k: new[k] for k in DATA_COMPARED},
+                              prefix="data.")
+        if changes:
+            name = self.settings.name
+            raise SettingsChanged(
+                f"{self.exp.location} (preset {recorded.get('name', '?')!r})", changes,
+                f"Its artifacts were made on other images: run preset {name!r} into a new experiment "
+                f"(--exp runs/{name}), or restore the recorded [data] values.")
+
     def run(self, names=None) -> dict:
         selected = self.stages(names)
-        self.exp.create()
-        self.exp.record_stage("preset", preset=self.preset)
+        stages = [stage_class(name)(self.exp, self.settings, self.runtime, progress=self.progress)
+                  for name in selected]
         summaries = {}
-        for name in selected:
-            stage = stage_class(name)(self.exp, self.settings, self.runtime, progress=self.progress)
-            print(f"\n=== stage {name} ===", flush=True)
-            start = time.perf_counter()
-            summary = stage()
-            summary["seconds"] = round(time.perf_counter() - start, 1)
-            self.exp.record_stage(f"timing.{name}", seconds=summary["seconds"])
-            summaries[name] = summary
-            if self.after_stage:
-                self.after_stage(name, summary)
-            print(f"=== stage {name} done in {summary['seconds']} s ===", flush=True)
+        with self.exp.lock():
+            self.check_recorded_data()
+            produced: set[str] = set()
+            for stage in stages:  # cheap checks of every stage before the first one starts
+                stage.preflight(produced)
+                produced.update(stage.writes)
+            recorded = False
+
+            def record_preset(stage=None, plan=None) -> None:
+                nonlocal recorded
+                if not recorded:
+                    self.exp.create()
+                    self.exp.record_stage("preset", preset=self.preset)
+                    recorded = True
+
+            if not stages:
+                record_preset()
+            for stage in stages:
+                print(f"\n=== stage {stage.name} ===", flush=True)
+                start = time.perf_counter()
+                summary = stage(on_planned=record_preset)
+                summary["seconds"] = round(time.perf_counter() - start, 1)
+                self.exp.record_stage(f"timing.{stage.name}", seconds=summary["seconds"])
+                summaries[stage.name] = summary
+                if self.after_stage:
+                    self.after_stage(stage.name, summary)
+                print(f"=== stage {stage.name} done in {summary['seconds']} s ===", flush=True)
         return summaries

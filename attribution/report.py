@@ -175,7 +175,7 @@ class ReportInputs:
     def summary(self) -> pd.DataFrame | None:
         """The support summary per (method, mode); None without supports or a limit."""
         limit = self.limit[0]
-        if self.support is None or limit is None:
+        if self.support is None or limit is None or len(self.support) == 0:
             return None
         return M.support_summary(self.support, limit, **self.boot)
 
@@ -302,7 +302,7 @@ def header_section(doc: Document, r: ReportInputs) -> None:
     preset, manifest, rankings, support = r.preset, r.manifest, r.rankings, r.support
     data = preset.get("data") or {}
     doc.heading(1, f"Attribution report: {preset.get('name') or r.root.name}")
-    doc.para(f"Experiment `{r.root}`; written {time.strftime('%Y-%m-%d %H:%M:%S')} from the stored tables only.")
+    doc.para(f"Experiment `{(manifest.get('storage') or {}).get('location') or r.root}`; written {time.strftime('%Y-%m-%d %H:%M:%S')} from the stored tables only.")
     facts = [f"dataset: **{data.get('dataset', 'unknown')}**"
              + (f" (root `{data['root']}`)" if data.get("root") else ""),
              f"training images per class: {data.get('train_per_class', 'all')}, "
@@ -360,6 +360,10 @@ def support_section(doc: Document, r: ReportInputs) -> None:
     support, (limit, limit_source), summary = r.support, r.limit, r.summary
     if support is None:
         doc.para(f"No support table yet: run `{command_for('support')}`.")
+        return
+    if len(support) == 0:
+        doc.para("The support table has no searches: every selected target was screened out (misclassified "
+                 "or unstable across the full-data models; see support_targets.parquet). Raise support.targets.")
         return
     if limit is None:
         doc.para("The support table has no found supports and no limit is recorded; nothing to plot.")

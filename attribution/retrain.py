@@ -29,6 +29,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attribution.workqueue import NotRetried
+
+# ----------------------------------------------------------------------------- errors
+
+
+class RetrainInputError(NotRetried, ValueError):
+    """A retraining's input is wrong (ids, relabel class, shapes, an empty training set).
+
+    Training is deterministic, so the same item fails the same way on every attempt:
+    a :class:`attribution.workqueue.NotRetried`, failed at once instead of retried."""
+
+
+class UnknownIds(RetrainInputError, KeyError):
+    """Ids that are not in the training set (also a KeyError, as lookups raise)."""
+
+    __str__ = Exception.__str__  # the message itself, not KeyError's quoted repr of it
+
+
+class EmptyTrainingSet(RetrainInputError):
+    """Every training image was removed: there is nothing to train on."""
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -128,11 +150,11 @@ def build_model(name: str, num_classes: int, image_shape: Sequence[int]) -> nn.M
         return _resnet18(num_classes, c, min(h, w))
     if name == "cnn":
         if h != w:
-            raise ValueError(f"the small CNN needs square images, got {h}x{w}")
+            raise RetrainInputError(f"the small CNN needs square images, got {h}x{w}: use model 'mlp' or 'resnet9'")
         return SmallCNN(num_classes, c, h)
     if name == "mlp":
         return MLP(num_classes, h * w * c)
-    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    raise RetrainInputError(f"model must be one of {MODELS}, got {name!r}")
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -310,9 +332,9 @@ class Retrainer:
     def __init__(self, config: TrainConfig, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
                  mean: Sequence[float], std: Sequence[float], num_classes: int = 10):
         if not (len(images) == len(labels) == len(ids)):
-            raise ValueError(f"{len(images)} images, {len(labels)} labels, {len(ids)} ids: must match")
+            raise RetrainInputError(f"{len(images)} images, {len(labels)} labels, {len(ids)} ids: must match")
         if len(np.unique(ids)) != len(ids):
-            raise ValueError("training ids must be unique")
+            raise RetrainInputError("training ids must be unique")
         self.config = config
         self.device = torch.device(config.device)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -349,7 +371,7 @@ class Retrainer:
         where = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(ids) and len(self._sorted_ids) - 1)
         found = self._sorted_ids[where] == ids
         if not found.all():
-            raise KeyError(f"ids not in the training set: {ids[~found][:10].tolist()} "
+            raise UnknownIds(f"ids not in the training set: {ids[~found][:10].tolist()} "
                            "(rankings and the [data] section must describe the same training subset)")
         return self._order[where]
 
@@ -359,7 +381,7 @@ class Retrainer:
         relabel_pos = self.positions_of(relabel_ids)
         if len(relabel_pos):
             if relabel_to is None or not (0 <= int(relabel_to) < self.num_classes):
-                raise ValueError(f"relabel_to must be a class in [0, {self.num_classes}), got {relabel_to}")
+                raise RetrainInputError(f"relabel_to must be a class in [0, {self.num_classes}), got {relabel_to}")
             labels[relabel_pos] = int(relabel_to)
         keep = np.ones(len(labels), dtype=bool)
         keep[self.positions_of(removed_ids)] = False
@@ -371,7 +393,8 @@ class Retrainer:
         config = self.config
         subset = self.training_set(removed_ids, relabel_ids, relabel_to)
         if len(subset.positions) == 0:
-            raise ValueError("every training image was removed: nothing to train on")
+            raise EmptyTrainingSet(f"every one of the {len(self.labels)} training images was removed: nothing to "
+                                   "train on (a retraining must keep at least one image)")
         torch.manual_seed(seed)
         model = build_model(config.model, self.num_classes, self.image_shape).to(self.device)
         generator = torch.Generator().manual_seed(seed)

@@ -124,19 +124,30 @@ class RetrainWorker(QueueWorker):
             return {"logits": self.ensemble_member(job["torch_seed"])}
         if kind == "subset":
             return self.subset_margins(job)
-        raise ValueError(f"unknown retraining job kind {kind!r}")
+        from attribution.retrain import RetrainInputError
+
+        raise RetrainInputError(f"unknown retraining job kind {kind!r}: one of 'train', 'ensemble', 'subset'")
 
     def train(self, job: dict) -> dict:
         """One model with the job's change; correctness and margin on its target."""
         from attribution import retrain
 
         start = time.perf_counter()
+        pos = self._target_position(job["target_id"])  # before training: a wrong item costs no model
         model = self.trainer.train(job.get("removed_ids", ()), job.get("relabel_ids", ()), job.get("relabel_to"),
                                    job["torch_seed"])
-        pos = self.target_pos[job["target_id"]]
         logits = self.trainer.logits(model, self.target_x[pos:pos + 1])[0]
         correct, margin = retrain.evaluate_target(logits, self.target_labels[pos])
         return {"correct": correct, "margin": margin, "seconds": time.perf_counter() - start}
+
+    def _target_position(self, target_id: int) -> int:
+        from attribution.retrain import UnknownIds
+
+        try:
+            return self.target_pos[int(target_id)]
+        except KeyError:
+            raise UnknownIds(f"target {target_id} is not among this pool's {len(self.target_pos)} targets (the "
+                             "queue's items and the targets its workers were built with must agree)") from None
 
     def ensemble_member(self, torch_seed: int) -> np.ndarray:
         """A full-data model's logits on every target."""
@@ -191,10 +202,12 @@ class PartLog:
         self.rows = []
 
 
-def read_parts(folder: str | os.PathLike, settings: dict | None = None, fix: str = ""):
+def read_parts(folder: str | os.PathLike, settings: dict | None = None, fix: str = "", schema: pa.Schema | None = None):
     """The rows of a part-file folder as a pyarrow Table (None when there are none);
     with ``settings``, a part stored with other settings is refused
-    (:class:`attribution.artifacts.SettingsChanged`)."""
+    (:class:`attribution.artifacts.SettingsChanged`). With ``schema``, parts are read as
+    that schema: columns an older part lacks are null (a log whose schema grew stays
+    readable; without it the first part's schema would decide and drop new columns)."""
     from attribution.artifacts import check_settings
 
     parts = visible_files(folder)
@@ -205,4 +218,8 @@ def read_parts(folder: str | os.PathLike, settings: dict | None = None, fix: str
             stored = stored_settings(path)
             if stored != settings:
                 check_settings(str(path), stored, settings, fix)
+    if schema is not None:
+        import pyarrow.dataset as ds
+
+        return ds.dataset([str(p) for p in parts], format="parquet", schema=schema).to_table()
     return read_dataset(folder)

@@ -13,6 +13,7 @@ preset before any stage starts, so a bad ``--set`` is refused before any work.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,19 @@ class SettingsError(ValueError):
     """A preset value is missing, unknown or out of range; the message names the key."""
 
 
+def did_you_mean(unknown, known) -> str:
+    """`` (did you mean 'top_k'?)`` for the words of ``unknown`` close to one of ``known``
+    (difflib), ``""`` when none is: every "unknown name" message of the project uses it."""
+    words = [unknown] if isinstance(unknown, str) else list(unknown)
+    known = [str(k) for k in known]
+    hints = []
+    for word in words:
+        match = difflib.get_close_matches(str(word), known, n=1, cutoff=0.6)
+        if match:
+            hints.append(f"{match[0]!r}" + (f" for {word!r}" if len(words) > 1 else ""))
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
 @dataclass
 class Section:
     """Base of every preset section's settings (a dataclass: one field per key)."""
@@ -57,7 +71,8 @@ class Section:
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise SettingsError(f"unknown [{cls.section}] setting(s) {unknown}; known: {sorted(known)}")
+            raise SettingsError(f"unknown [{cls.section}] setting(s) {unknown}{did_you_mean(unknown, known)}; "
+                                f"known: {sorted(known)}")
         hints = typing.get_type_hints(cls)
         parsed = {name: _coerce(f"{cls.section}.{name}", values[name], hints[name], known[name].metadata)
                   for name in values}
@@ -139,7 +154,8 @@ def _coerce(key: str, value: Any, kind, meta: Mapping) -> Any:
         return dict(value)
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise SettingsError(f"{key} must be one of {list(choices)}, got {value!r}")
+        raise SettingsError(f"{key} must be one of {list(choices)}, got {value!r}"
+                            + (did_you_mean(value, choices) if isinstance(value, str) else ""))
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value < low or (meta.get("low_open") and value == low)):
         raise SettingsError(f"{key} must be {_range(meta).strip()}, got {value!r}")
@@ -194,6 +210,37 @@ class DataSettings(Section):
         per_class = self.train_per_class if split == "train" else self.test_per_class
         return DatasetSpec(self.dataset, split, self.root_or_none(), per_class or None, int(self.seed))
 
+    def check_available(self) -> None:
+        """:class:`attribution.data.DatasetNotFoundError` when the dataset's files are not where
+        data.root says (existence only, nothing read: the stages' preflight). Without a root,
+        Fashion-MNIST is looked up (system copy, cache, download) by the loader itself."""
+        from pathlib import Path
+
+        from attribution.data import FASHION_MNIST_FILES, DatasetNotFoundError
+
+        root = Path(self.root).expanduser() if self.root else None
+        if self.dataset == "fashion-mnist":
+            if root is None:
+                return
+            names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+            folders, holding = (root, root / "FashionMNIST" / "raw"), ", ".join(names)
+        elif self.dataset == "cifar10":
+            names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+            folders = (root, root / "cifar-10-batches-py") if root else ()
+            holding = "cifar-10-batches-py/ (torchvision's layout)"
+        else:
+            names = ["train", "val"]
+            folders, holding = ((root,) if root else ()), "train/ and val/ (ImageFolder layout)"
+        fix = f"--set data.root=PATH, the folder holding {holding}"
+        if root is None:
+            raise DatasetNotFoundError(f"data.dataset = {self.dataset!r} needs data.root: {fix}")
+        if not root.is_dir():
+            raise DatasetNotFoundError(f"data.root {str(root)!r} ({self.dataset}) does not exist: {fix}")
+        if not any(all((folder / name).exists() for name in names) for folder in folders):
+            missing = [name for name in names if not (root / name).exists()]
+            raise DatasetNotFoundError(f"data.root {str(root)!r} ({self.dataset}) lacks {', '.join(missing)} (looked "
+                                       f"in {' and '.join(str(f) for f in folders)}): {fix}")
+
     def key(self) -> dict:
         """What identifies the training subset (part of every retraining fingerprint)."""
         return {"dataset": self.dataset, "root": self.root_or_none(),
@@ -221,7 +268,8 @@ class Settings:
         unknown = sorted(k for k, v in preset.items() if isinstance(v, Mapping) and k not in known)
         unknown += sorted(k for k, v in preset.items() if not isinstance(v, Mapping) and k not in TOP_LEVEL_KEYS)
         if unknown:
-            raise SettingsError(f"unknown preset section(s) or key(s) {unknown}; known sections: "
+            raise SettingsError(f"unknown preset section(s) or key(s) {unknown}"
+                                f"{_suggest_names(unknown, preset, sections)}; known sections: "
                                 f"{sorted(known)}, top-level keys: {list(TOP_LEVEL_KEYS)}")
         self._classes = dict(sections)
         self._parsed: dict[str, Section] = {"data": DataSettings.from_preset(preset)}
@@ -242,3 +290,21 @@ class Settings:
 
     def __contains__(self, section: str) -> bool:
         return section in self.preset
+
+
+def _suggest_names(unknown, preset: Mapping, sections: Mapping[str, type[Section]]) -> str:
+    """Close matches for unknown preset names: a section (``suport`` -> ``support``), a
+    top-level key, or, for a bare key that belongs to sections (``top_k``), ``rank.top_k``."""
+    known = sorted(set(sections) | {DataSettings.section}) + list(TOP_LEVEL_KEYS)
+    classes = {DataSettings.section: DataSettings, **sections}
+    hints = []
+    for name in unknown:
+        owners = [f"{section}.{name}" for section, cls in classes.items()
+                  if name in {f.name for f in dataclasses.fields(cls)}]
+        if owners and not isinstance(preset.get(name), Mapping):
+            hints.append(" or ".join(repr(o) for o in owners) + (f" for {name!r}" if len(unknown) > 1 else ""))
+            continue
+        match = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if match:
+            hints.append(f"{match[0]!r}" + (f" for {name!r}" if len(unknown) > 1 else ""))
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""

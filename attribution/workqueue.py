@@ -16,7 +16,8 @@ Two runtimes exist: :class:`InProcessRuntime` (here; no Ray; one worker in this
 process, used by unit tests and for debugging) and ``cluster.runtime.RayRuntime``
 (actors over fault-tolerant slots: a lost actor or node puts its items back in the
 queue and the slot gets a replacement; a failing item is retried ``max_retries``
-times, then the queue raises :class:`WorkFailed` naming it).
+times, then the queue raises :class:`WorkFailed` naming it). Both queues fail an item
+at once, without retries, when its worker raised a :class:`NotRetried`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class Completed:
 
 class WorkFailed(RuntimeError):
     """An item failed on every allowed attempt (the message names it and the last error)."""
+
+
+class NotRetried(Exception):
+    """Base of a worker's deterministic errors: the same item would fail the same way on
+    every attempt (bad input, not a lost process), so the queue fails it at once with
+    :class:`WorkFailed` instead of retrying it ``max_retries`` times."""
 
 
 def worker_name() -> str:
@@ -247,6 +254,9 @@ class InProcessQueue(WorkQueue):
                 result, name = self.worker.call(item, attempt)
                 return Completed(item, result, attempt, name)
             except Exception as error:  # noqa: BLE001 - retried, then reported with the item
+                if isinstance(error, NotRetried):  # deterministic: another attempt fails the same way
+                    raise WorkFailed(f"{self.key(item)} failed (a deterministic error, not retried): "
+                                     f"{type(error).__name__}: {error}") from error
                 if attempt >= self.max_retries:
                     raise WorkFailed(f"{self.key(item)} failed {attempt + 1} times; last error: "
                                      f"{type(error).__name__}: {error}") from error

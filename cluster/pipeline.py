@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
-from attribution.experiment import Experiment
+import contextlib
+import sys
+
 from attribution.pipeline import Pipeline
 from cluster.runtime import RayRuntime
 from cluster.storage import ExperimentStorage
+
+
+@contextlib.contextmanager
+def pushed(storage: ExperimentStorage):
+    """Push the staging folder to the store when the block ends, also when it fails: a
+    failed or interrupted stage's finished units (shards, trainings) must reach the URI,
+    not stay only in this machine's staging cache. A failing push then only warns, so
+    the stage's own error is the one reported."""
+    try:
+        yield storage
+    except BaseException:
+        try:
+            storage.push()
+        except Exception as error:  # noqa: BLE001 - the original error matters more
+            print(f"warning: could not copy the finished work to {storage.location}: {error}", file=sys.stderr)
+        raise
+    storage.push()
 
 
 def run_preset(preset: dict, exp_dir: str, address: str | None = None, stages=None, progress: bool = True) -> dict:
@@ -13,10 +32,9 @@ def run_preset(preset: dict, exp_dir: str, address: str | None = None, stages=No
 
     The preset is validated before anything is downloaded or written."""
     storage = ExperimentStorage(exp_dir, create=False)
-    pipeline = Pipeline(Experiment(storage.local), preset, RayRuntime(address), progress=progress,
+    pipeline = Pipeline(storage.experiment(), preset, RayRuntime(address), progress=progress,
                         after_stage=lambda name, summary: storage.push())
     pipeline.stages(stages)  # unknown stage names are refused before any work
     storage.pull()  # resume from what a previous run stored
-    summaries = pipeline.run(stages)
-    storage.push()  # the manifest, also when the preset has no stage to run
-    return summaries
+    with pushed(storage):  # the manifest too, also when the preset has no stage to run
+        return pipeline.run(stages)

@@ -2,15 +2,18 @@
 
 Stages describe their pools with :class:`attribution.workqueue.PoolRequest` (a kind:
 embed, rank, retrain, regression); :func:`pool_shape` turns a request into a number of
-actors and their Ray options, for the cluster's resources. The job driver
-(cluster/submit.py) takes its own request from here too, and tests/test_manifests.py
-checks that the worker shapes in docker/*.yaml can host them. Change a number here
-and the manifests' test says which worker group no longer fits.
+actors and their Ray options, for what the cluster can place for this job when the pool
+is created (its nodes' free resources: the job driver's ENTRYPOINT_CPUS and other live
+pools already subtracted). tests/test_manifests.py checks that the worker shapes in
+docker/*.yaml can host these actors. Change a number here and the manifests' test says
+which worker group no longer fits.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 # Every actor (embedding, ranking, retraining) reserves one CPU and runs one torch
 # thread: one thread per process is the robust choice on shared cores.
@@ -38,61 +41,112 @@ def retrain_gpu_share(model: str) -> float:
     return SMALL_MODEL_GPU_SHARE if model in SMALL_RETRAIN_MODELS else LARGE_MODEL_GPU_SHARE
 
 
-def retrain_pool_shape(cluster_resources: dict, model: str, actors: int | None = None,
-                       gpus_per_actor: float | None = None) -> tuple[int, float]:
-    """(actors, GPU share per actor) of a retraining pool (support, datamodels): ``actors``
-    when given, else one per GPU share on a cluster with GPUs, else one per CPU."""
-    gpus = float(cluster_resources.get("GPU", 0))
-    share = gpus_per_actor
-    if share is None:
-        share = 0.0 if gpus == 0 else retrain_gpu_share(model)
-    if actors:
-        n = int(actors)
-    elif share > 0:
-        n = max(1, int(gpus / share))
-    else:
-        n = max(1, int(cluster_resources.get("CPU", 1)))
-    return n, float(share)
-
-
 POOL_KINDS = ("embed", "rank", "retrain", "regression")
 
 
-def pool_shape(request, cluster_resources: dict) -> tuple[int, dict]:
+class PoolTooLarge(ValueError):
+    """A pool's worker asks for more than any single node of the cluster has: Ray could
+    never place it, so the pool is refused before any actor is requested."""
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """One alive node: what it has (``total``) and what nothing holds now (``free``: not
+    this job's driver, not another pool, not another job), as {"CPU": ..., "GPU": ...}."""
+
+    total: Mapping[str, float]
+    free: Mapping[str, float]
+
+
+def as_nodes(resources: Mapping[str, float] | Sequence[NodeResources]) -> tuple[NodeResources, ...]:
+    """``resources`` as nodes: a plain dict is one node that has it all and holds nothing
+    yet (how tests and callers without a cluster describe resources)."""
+    if isinstance(resources, Mapping):
+        return (NodeResources(dict(resources), dict(resources)),)
+    return tuple(resources)
+
+
+def actors_fitting(options: Mapping, resources: Mapping[str, float]) -> int:
+    """How many actors with Ray ``options`` (num_cpus / num_gpus) fit in ``resources``."""
+    counts = []
+    for option, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        need = float(options.get(option) or 0)
+        if need > 0:
+            # the tolerance: shares like 0.25 GPU add up to whole GPUs despite rounding
+            counts.append(int(float(resources.get(name, 0)) / need + 1e-9))
+    return min(counts) if counts else 0
+
+
+def describe(resources: Mapping, options: bool = False) -> str:
+    """"1 CPU, 0.25 GPU" for Ray options (``options``) or a resource dict."""
+    keys = (("num_cpus", "CPU"), ("num_gpus", "GPU")) if options else (("CPU", "CPU"), ("GPU", "GPU"))
+    parts = [f"{float(resources.get(key) or 0):g} {name}" for key, name in keys
+             if name == "CPU" or float(resources.get(key) or 0) > 0]
+    return ", ".join(parts)
+
+
+def actor_options(request, nodes: Sequence[NodeResources]) -> dict:
+    """Ray options of one actor of the pool ``request`` describes (see :func:`pool_shape`).
+
+    Whether the GPU shape is used depends on the GPUs the cluster *has*, never on how
+    many are free at this moment: the device a stage computes on must not depend on load."""
+    gpus = sum(float(node.total.get("GPU", 0)) for node in nodes)
+    kind = request.kind
+    if kind == "embed":
+        return embed_actor_options(gpu=gpus > 0, threads=max(1, int(request.threads or 1)))
+    if kind == "rank":
+        # one actor per GPU, or the requested number sharing the GPUs evenly
+        share = (min(1.0, gpus / int(request.actors)) if request.actors else 1.0) if gpus > 0 else 0.0
+        return {"num_cpus": ACTOR_CPUS, "num_gpus": share}
+    if kind == "retrain":
+        share = request.gpus_per_actor
+        if share is None:
+            share = retrain_gpu_share(request.model or "mlp") if gpus > 0 else 0.0
+        return {"num_cpus": ACTOR_CPUS, "num_gpus": float(share)}
+    return {"num_cpus": ACTOR_CPUS, "num_gpus": 0}  # regression
+
+
+def pool_shape(request, resources: Mapping[str, float] | Sequence[NodeResources]) -> tuple[int, dict]:
     """(actors, Ray actor options) of a pool: the one sizing rule for every kind.
 
-    embed : one actor per GPU (a whole GPU each) or one per ``threads`` CPUs
-    rank : one actor per GPU (sharing the GPUs evenly) or one per CPU; a mixed cluster's
-        CPU-only nodes are not counted when there are GPUs, since they could never host
-        an actor that asks for a GPU share
-    retrain : one per GPU share of the model (:func:`retrain_gpu_share`) or one per CPU
-    regression : one per CPU, no GPU
-    ``request.actors`` overrides the count; ``request.max_items`` caps it.
+    ``resources``: the cluster's alive nodes (:class:`NodeResources`; ``RayRuntime``
+    gathers them when the pool is created), or one dict for a single node that holds
+    nothing yet. Per actor:
+
+    embed : a whole GPU and a CPU on a cluster with GPUs, else ``threads`` CPUs
+    rank : a CPU and one GPU (``request.actors`` of them share the GPUs evenly) or no GPU
+    retrain : a CPU and the model's GPU share (:func:`retrain_gpu_share`) or no GPU
+    regression : a CPU, no GPU
+
+    The number of actors is what the nodes' *free* resources can place now, counted per
+    node (an actor cannot span nodes; on a mixed cluster CPU-only nodes host no actor
+    that asks for a GPU share): a job's driver (ENTRYPOINT_CPUS) and other live pools
+    hold theirs already, and an actor asked for beyond that would wait for resources
+    that never come. ``request.actors`` overrides the count (an autoscaler may add
+    nodes; the queue says which workers could not be placed); ``request.max_items``
+    caps it: never more actors than items. When nothing is free right now, one actor is
+    asked for and the queue reports if it cannot be placed. Raises :class:`PoolTooLarge`
+    when no node could host even one actor.
     """
-    kind = request.kind
-    if kind not in POOL_KINDS:
-        raise ValueError(f"unknown pool kind {kind!r}; known: {list(POOL_KINDS)}")
-    cpus = max(1, int(cluster_resources.get("CPU", 1)))
-    gpus = float(cluster_resources.get("GPU", 0))
-    threads = max(1, int(request.threads or 1))
-    if kind == "embed":
-        if gpus > 0:
-            n, options = request.actors or int(gpus), embed_actor_options(gpu=True)
-        else:
-            n, options = request.actors or max(1, cpus // threads), embed_actor_options(gpu=False, threads=threads)
-    elif kind == "rank":
-        n = request.actors or (max(1, int(gpus)) if gpus > 0 else cpus)
-        share = min(1.0, gpus / n) if gpus > 0 else 0.0
-        options = {"num_cpus": ACTOR_CPUS, "num_gpus": share}
-    elif kind == "retrain":
-        n, share = retrain_pool_shape(cluster_resources, request.model or "mlp", request.actors,
-                                      request.gpus_per_actor)
-        options = {"num_cpus": ACTOR_CPUS, "num_gpus": share}
-    else:  # regression
-        n, options = request.actors or cpus, {"num_cpus": ACTOR_CPUS, "num_gpus": 0}
+    if request.kind not in POOL_KINDS:
+        raise ValueError(f"unknown pool kind {request.kind!r}; known: {list(POOL_KINDS)}")
+    nodes = as_nodes(resources)
+    options = actor_options(request, nodes)
+    if not any(actors_fitting(options, node.total) for node in nodes):
+        largest = max(nodes, key=lambda node: (float(node.total.get("GPU", 0)), float(node.total.get("CPU", 0))),
+                      default=NodeResources({}, {}))
+        fix = "add a node that large"
+        if request.kind == "embed" and not options.get("num_gpus"):
+            fix = f"lower embed.threads_per_actor (CPUs per worker) or {fix}"
+        elif request.kind == "retrain" and request.gpus_per_actor is not None:
+            fix = f"lower gpus_per_actor of [support] / [datamodels] or {fix}"
+        raise PoolTooLarge(f"the {request.kind} pool's workers each ask for {describe(options, options=True)}, more "
+                           f"than any node of this cluster has (largest: {describe(largest.total)}): {fix}")
+    placeable = sum(actors_fitting(options, node.free) for node in nodes)
+    n = int(request.actors) if request.actors else max(1, placeable)
     if request.max_items is not None:
         n = min(n, int(request.max_items))
-    return max(1, int(n)), options
+    return max(1, n), options
 
 
 def embed_actor_options(gpu: bool, threads: int = 1) -> dict:

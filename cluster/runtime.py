@@ -7,6 +7,9 @@ from pathlib import Path
 
 from attribution.workqueue import Runtime
 
+# A pool whose workers Ray has not placed after this long says so (cluster.queue).
+PLACEMENT_TIMEOUT_S = 60.0
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, **init_kwargs):
     """Connect to Ray once per process.
@@ -49,17 +52,45 @@ def cluster_resources() -> dict:
     return dict(ray.cluster_resources())
 
 
+def node_resources() -> tuple:
+    """The alive nodes' CPUs and GPUs (:class:`cluster.resources.NodeResources`): what each
+    has, and what nothing holds right now (the job driver's reservation, other pools'
+    and other jobs' actors already subtracted), for :func:`cluster.resources.pool_shape`."""
+    import ray
+
+    from cluster.resources import NodeResources
+
+    def cpu_gpu(resources: dict) -> dict:
+        return {key: float(resources.get(key, 0)) for key in ("CPU", "GPU")}
+
+    totals = {node["NodeID"]: cpu_gpu(node.get("Resources") or {}) for node in ray.nodes() if node.get("Alive")}
+    try:
+        # Free resources per node: Ray has no public call for them without the dashboard's
+        # state API (the embedded Ray runs without a dashboard); this reads the GCS directly.
+        from ray._private import state
+
+        free = {node: cpu_gpu(resources) for node, resources in state.available_resources_per_node().items()}
+    except Exception:  # noqa: BLE001 - another Ray version: one aggregate node instead
+        largest = {key: max((total[key] for total in totals.values()), default=0.0) for key in ("CPU", "GPU")}
+        return (NodeResources(largest, cpu_gpu(ray.available_resources())),)
+    return tuple(NodeResources(total, free.get(node, {"CPU": 0.0, "GPU": 0.0})) for node, total in totals.items())
+
+
 class RayRuntime(Runtime):
     """The Ray implementation of :class:`attribution.workqueue.Runtime`.
 
     Connects on first use (``address=None``: a local Ray owned by this process, see
     :func:`ensure_ray`), so stages that need no pool never start Ray. Pools are sized by
-    :func:`cluster.resources.pool_shape`; shared constructor arguments go to the object
-    store once and every actor maps the same copy.
+    :func:`cluster.resources.pool_shape` from what the cluster can place when the pool
+    is created (:func:`node_resources`); shared constructor arguments go to the object
+    store once and every actor maps the same copy. ``placement_timeout``: seconds a
+    pool waits for workers Ray cannot place before it says so (:class:`cluster.queue.RayWorkQueue`).
     """
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None,
+                 placement_timeout: float = PLACEMENT_TIMEOUT_S):
         self.address, self.num_cpus = address, num_cpus
+        self.placement_timeout = float(placement_timeout)
 
     def connect(self):
         return ensure_ray(self.address, num_cpus=self.num_cpus)
@@ -70,7 +101,8 @@ class RayRuntime(Runtime):
     def shape(self, request) -> tuple[int, dict]:
         from cluster.resources import pool_shape
 
-        return pool_shape(request, self.resources())
+        self.connect()
+        return pool_shape(request, node_resources())
 
     def device(self, request) -> str:
         _, options = self.shape(request)
@@ -87,4 +119,5 @@ class RayRuntime(Runtime):
         shared_args = [ray.put(a) for a in args]
         shared_kwargs = {k: ray.put(v) for k, v in kwargs.items()}
         return RayWorkQueue(lambda: remote_cls.remote(*shared_args, **shared_kwargs), n, depth=depth,
-                            max_retries=max_retries, key=key)
+                            max_retries=max_retries, key=key, name=f"{request.kind} pool", options=options,
+                            placement_timeout=self.placement_timeout)

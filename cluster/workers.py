@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Any, Callable
 
+from attribution.workqueue import WorkFailed
+
 
 def worker_name() -> str:
     """``host:pid@node`` of this process: ``node`` is the first 12 hex digits of the Ray
@@ -34,6 +36,26 @@ def worker_name() -> str:
     except Exception:  # noqa: BLE001 - a name must never fail a unit of work
         pass
     return name
+
+
+def placed(actor) -> bool | None:
+    """Whether ``actor`` has a worker process (Ray placed it and started the process; its
+    constructor may still run): False while it waits for resources, and for the few
+    seconds Ray takes to start the process; None when Ray cannot tell.
+
+    ``ready()`` answers only after the constructor, which can take long (a big
+    checkpoint); the GCS actor table knows earlier: such an actor has a worker address.
+    Read without the dashboard (the embedded Ray has none), hence Ray's internal state
+    accessor; any failure answers None."""
+    try:
+        from ray._private import state
+
+        info = state.actors(actor_id=actor._actor_id.hex())
+        if info.get("State") == "ALIVE":
+            return True
+        return bool((info.get("Address") or {}).get("Port"))
+    except Exception:  # noqa: BLE001 - a diagnostic must never fail the run
+        return None
 
 
 def on_ray(worker_cls: type) -> type:
@@ -107,8 +129,9 @@ class ActorSlots:
         """Move started actors into service; replace those that died while starting.
 
         ``timeout=0`` only looks; ``None`` blocks until one (``wait_all``: every) starting
-        actor answered. Raises RuntimeError when an actor's constructor failed (a
-        configuration error) or when every slot is given up."""
+        actor answered. Raises :class:`attribution.workqueue.WorkFailed` (a RuntimeError)
+        when an actor's constructor failed (a configuration error) or when every slot is
+        given up."""
         import ray
 
         if not self.starting:
@@ -125,8 +148,8 @@ class ActorSlots:
                 self.names[slot] = ray.get(ref)
                 self.failed_starts[slot] = 0
             except ray.exceptions.RayActorError as error:
-                if error.actor_init_failed:
-                    raise RuntimeError(f"a worker failed to start: {error}") from error
+                if error.actor_init_failed:  # a configuration error: every replacement would fail too
+                    raise WorkFailed(f"a worker failed to start: {error}") from error
                 self.failed_starts[slot] += 1
                 if self.failed_starts[slot] > self.max_failed_starts:
                     self.given_up.add(slot)
@@ -135,8 +158,8 @@ class ActorSlots:
                 else:
                     self._replace(slot)
         if self.given_up and len(self.given_up) == len(self.actors):
-            raise RuntimeError("every worker was lost and none could be restarted: check the cluster's nodes "
-                               "('ray status'); finished work is saved, rerun the same command to resume")
+            raise WorkFailed("every worker was lost and none could be restarted: check the cluster's nodes "
+                             "('ray status'); finished work is saved, rerun the same command to resume")
 
     def lost(self, slot: int, error: BaseException | None = None) -> bool:
         """A call on ``slot`` failed because its actor (or node) was lost: replace the actor,

@@ -27,3 +27,79 @@ def ray_runtime():
             os.environ.pop("RAY_ADDRESS", None)
         else:
             os.environ["RAY_ADDRESS"] = previous
+
+
+# ----------------------------------------------------------------------------- real data
+#
+# The strongest tests run on real data (Fashion-MNIST, foolbox's real CIFAR-10 / ImageNet
+# images). On a developer machine without those files they are skipped; in CI (the `CI`
+# environment variable set, as .ci/run does) a missing file fails the test instead, so a
+# green CI run always means the real-data tests ran.
+
+SETUP_FIX = "bash scripts/setup.sh"
+
+
+def ci_requires_real_data() -> bool:
+    """True when ``CI`` is set to anything but an explicit no (GitHub sets "true", .ci/run "1")."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def fail_in_ci(reason: str) -> None:
+    """Fail the test when ``CI`` is set (a missing real-data file is a broken CI machine)."""
+    if ci_requires_real_data():
+        pytest.fail(f"{reason}. CI must run the real-data tests: run `{SETUP_FIX}` on this machine "
+                    "(or unset CI to skip them locally)", pytrace=False)
+
+
+def missing_real_data(reason: str) -> None:
+    """Skip (developer machine) or fail (CI) a test whose real data is missing."""
+    fail_in_ci(reason)
+    pytest.skip(f"{reason} (run `{SETUP_FIX}`; with CI set this is a failure)")
+
+
+def require_real_data(load, what: str):
+    """``load()``'s result; a :class:`attribution.data.DatasetNotFoundError` from it skips
+    or fails the test (``missing_real_data``) with the loader's message."""
+    found, missing = _load_real_data(load)
+    if missing is not None:  # outside the except block: the report shows one line, not a chain
+        missing_real_data(f"{what} not installed: {missing}")
+    return found
+
+
+def real_data_or_none(load, what: str):
+    """``load()``'s result, or None on a developer machine without the files (for tests
+    that also run, with weaker checks, on stand-in data); with ``CI`` set a missing file
+    fails the test instead."""
+    found, missing = _load_real_data(load)
+    if missing is not None:
+        fail_in_ci(f"{what} not installed: {missing}")
+    return found
+
+
+def _load_real_data(load):
+    """(``load()``, None), or (None, the DatasetNotFoundError) when the files are missing."""
+    from attribution.data import DatasetNotFoundError
+
+    try:
+        return load(), None
+    except DatasetNotFoundError as error:
+        return None, error
+
+
+def require_fashion_mnist(split: str = "train", **subset):
+    """The real Fashion-MNIST ``split`` (``subset``: ``n_per_class``, ``seed``, ``root``), or a
+    skip / CI failure naming the fix when its files are missing."""
+    from attribution.data import load_dataset
+
+    return require_real_data(lambda: load_dataset("fashion-mnist", split, **subset), "Fashion-MNIST")
+
+
+def require_foolbox_data():
+    """The folder of real CIFAR-10 / ImageNet images the foolbox package (test extra) ships."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        missing_real_data("foolbox (test extra, its real CIFAR-10 / ImageNet images) is not installed")
+    return Path(spec.submodule_search_locations[0]) / "data"

@@ -1,9 +1,6 @@
 """Backbones and checkpoint loading: every supported format written here and read back,
 bad files rejected with messages that name the problem, real ImageNet weights on real images."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,16 +9,21 @@ from PIL import Image
 from torch import nn
 
 from attribution.backbones import (
+    CHECKPOINT_FORMAT,
     BackboneSpec,
+    CheckpointError,
     CheckpointKeysError,
+    CheckpointNotFoundError,
     CorruptCheckpointError,
     UnknownCheckpointFormatError,
+    checkpoint_metadata,
     detect_format,
     load_backbone,
     read_checkpoint,
     save_backbone_checkpoint,
     spec_from_checkpoint,
 )
+from conftest import require_foolbox_data
 
 torch.set_num_threads(1)  # one thread: robust on a shared machine (two spin-wait under load)
 
@@ -168,6 +170,74 @@ def test_truncated_file(tmp_path):
         read_checkpoint(path)
 
 
+def assert_corrupt_message(info, path):
+    """One line naming the file, the damage and the fix, and a ValueError (the CLI's clean error)."""
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert f"checkpoint {path} (" in message and "truncated or corrupt" in message, message
+    assert "copy it again" in message and "attribution pretrain --exp EXP" in message, message
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("garbage", [b"abc", b"\x00\x00\x00", b"hello, this is a text file\n",
+                                     b"\x80\x02garbage", bytes(range(256)) * 4, b"PK\x03\x04zip?"])
+def test_garbage_bytes_are_a_corrupt_checkpoint(tmp_path, garbage):
+    # a few garbage bytes used to raise a bare IndexError / KeyError, or were blamed on "Python objects"
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(garbage)
+    for read in (read_checkpoint, spec_from_checkpoint, checkpoint_metadata,
+                 lambda p: load_backbone(BackboneSpec("resnet18", checkpoint=str(p)))):
+        with pytest.raises(CorruptCheckpointError) as info:
+            read(path)
+        assert_corrupt_message(info, path)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_checkpoint_truncated_anywhere_is_corrupt(tmp_path, zip_format):
+    path = tmp_path / "cut.pt"
+    model = load_backbone(BackboneSpec("resnet18", small_stem=True, in_channels=1))
+    save_backbone_checkpoint(model, path)
+    if not zip_format:  # the legacy (torch < 1.6) serialisation some published checkpoints use
+        torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    for length in (1, 2, 10, 100, len(data) // 3, len(data) - 1):
+        path.write_bytes(data[:length])
+        with pytest.raises(CorruptCheckpointError) as info:
+            checkpoint_metadata(path)
+        assert_corrupt_message(info, path)
+    path.write_bytes(data)  # the intact file reads
+    assert checkpoint_metadata(path)["format"] == CHECKPOINT_FORMAT
+
+
+def test_python_objects_are_refused_with_the_resave_fix(tmp_path):
+    from collections import OrderedDict
+    from fractions import Fraction  # any class outside torch's weights-only allowlist
+
+    path = tmp_path / "pickled.pt"
+    torch.save(OrderedDict(step=Fraction(1, 3), state_dict=trunk_state(source_resnet())), path)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert not isinstance(info.value, CorruptCheckpointError)  # the file is intact; it needs a re-save
+    assert "holds Python objects" in str(info.value) and "weights_only=False" in str(info.value)
+
+
+def test_missing_checkpoint_is_a_file_not_found_naming_the_fix(tmp_path):
+    path = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointNotFoundError) as info:
+        read_checkpoint(path)
+    assert isinstance(info.value, FileNotFoundError)
+    assert str(path) in str(info.value) and "attribution pretrain --exp EXP" in str(info.value)
+
+
+def test_project_checkpoint_without_weights_is_corrupt_not_a_key_error(tmp_path):
+    path = tmp_path / "hollow.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "spec": {"name": "resnet18"}}, path)
+    for read in (spec_from_checkpoint, checkpoint_metadata,
+                 lambda p: load_backbone(BackboneSpec("resnet18", checkpoint=str(p)))):
+        with pytest.raises(CorruptCheckpointError, match=r"hollow\.pt is marked .* lacks its 'spec' or 'trunk'"):
+            read(path)
+
+
 def test_wrong_keys_are_listed(tmp_path):
     state = trunk_state(source_resnet())
     del state["layer4.1.bn2.weight"]
@@ -229,10 +299,7 @@ def test_random_resnet_contract():
 def foolbox_imagenet():
     """The 20 real ImageNet validation images foolbox ships (file name ends in the label),
     resized (shorter side 256) and centre-cropped to 224 as for ImageNet evaluation."""
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        pytest.skip("foolbox (test extra) is not installed")
-    folder = Path(spec.submodule_search_locations[0]) / "data"
+    folder = require_foolbox_data()  # skips locally, fails with CI set
     files = sorted(folder.glob("imagenet_*"))
     assert len(files) == 20, f"expected 20 imagenet_* images in {folder}"
     images = []

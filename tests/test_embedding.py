@@ -26,6 +26,7 @@ from attribution.settings import SettingsError  # noqa: E402
 from attribution.stages import StageInputMissing, parse_settings, stage_class  # noqa: E402
 from attribution.stages.embed import EmbedStage  # noqa: E402
 from attribution.workqueue import InProcessRuntime, WorkFailed  # noqa: E402
+from conftest import require_real_data  # noqa: E402
 from faults import FaultyRuntime, SimulatedCrash  # noqa: E402
 
 TRAIN = DatasetSpec("fashion-mnist", "train", n_per_class=4, seed=0)
@@ -51,10 +52,7 @@ def embed_stage(exp, runtime, overwrite=False, **embed):
 
 @pytest.fixture(scope="module", autouse=True)
 def fashion_mnist():
-    try:
-        TRAIN.load()
-    except DatasetNotFoundError as error:
-        pytest.skip(f"Fashion-MNIST not installed: {error}")
+    require_real_data(TRAIN.load, "Fashion-MNIST")  # skips locally, fails with CI set
 
 
 @pytest.fixture(scope="module")

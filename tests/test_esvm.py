@@ -18,12 +18,11 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def fmnist():
     """PCA-128 features of real Fashion-MNIST images (class 0: 6000 train, test targets)."""
-    from attribution.data import DatasetNotFoundError
     from benchmarks.esvm_solvers import fashion_mnist_pca_features
-    try:
-        ytr, ftr, yte, fte = fashion_mnist_pca_features(classes=[0])
-    except DatasetNotFoundError as exc:
-        pytest.skip(f"Fashion-MNIST not installed: {exc}")
+    from conftest import require_real_data
+
+    # skips locally, fails with CI set
+    ytr, ftr, yte, fte = require_real_data(lambda: fashion_mnist_pca_features(classes=[0]), "Fashion-MNIST")
     return ftr[ytr == 0], fte[yte == 0]
 
 

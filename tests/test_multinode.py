@@ -31,12 +31,13 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from attribution import embedding as emb  # noqa: E402
 from attribution.backbones import BackboneSpec  # noqa: E402
-from attribution.data import DatasetNotFoundError, DatasetSpec  # noqa: E402
+from attribution.data import DatasetSpec  # noqa: E402
 from attribution.artifacts import read_dataset  # noqa: E402
 from attribution.experiment import Experiment  # noqa: E402
 from attribution.stages import parse_settings, stage_class  # noqa: E402
 from attribution.workqueue import node_of  # noqa: E402
 from cluster.runtime import RayRuntime  # noqa: E402
+from conftest import require_real_data  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)  # each test ends by itself well before this
 
@@ -52,10 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", autouse=True)
 def fashion_mnist():
-    try:
-        TRAIN.load()
-    except DatasetNotFoundError as error:
-        pytest.skip(f"Fashion-MNIST not installed: {error}")
+    require_real_data(TRAIN.load, "Fashion-MNIST")  # skips locally, fails with CI set
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +181,22 @@ def clean(cluster, tmp_path_factory):
     """embed -> rank -> support on the two worker nodes, no failure: the reference."""
     exp = Experiment(tmp_path_factory.mktemp("clean")).create()
     embedded = embed_on_cluster(exp.embeddings)
+    wait_for_free_cpus(2)  # pools are sized to what is free: let the last pool's CPUs come back
     ranked = run_stage("rank", exp, rank_preset())
+    wait_for_free_cpus(2)
     supported = run_stage("support", exp, support_preset())
     return exp, embedded, ranked, supported
 
 
 def embed_on_cluster(folder, **kwargs):
     return emb.embed_datasets(folder, [TRAIN, TEST], BACKBONE, runtime=RayRuntime(), **EMBED, **kwargs)
+
+
+def wait_for_free_cpus(n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < n:
+        assert time.monotonic() < deadline, f"the cluster's {n} CPUs did not come back: {ray.available_resources()}"
+        time.sleep(0.2)
 
 
 def pool_placed() -> bool:
@@ -266,7 +273,10 @@ def test_actor_slots_replace_a_lost_actor_once_and_gate_its_replacement(cluster)
         old = slots[0]
         ray.kill(old)
         with pytest.raises(ray.exceptions.RayActorError) as lost:
-            ray.get(old.pid.remote())
+            deadline = time.monotonic() + 60  # the kill is asynchronous: a call may still be answered
+            while time.monotonic() < deadline:
+                ray.get(old.pid.remote(), timeout=60)
+                time.sleep(0.1)
         assert slots.lost(0, lost.value) is True
         assert slots.lost(0, lost.value) is False  # the same loss reported twice: one replacement
         assert slots.usable() == [1] and 0 in slots.starting  # gated until it answers
@@ -295,8 +305,9 @@ def test_node_lost_during_embedding_loses_nothing(cluster, clean, tmp_path):
         lost = remove_worker_node_when(cluster, lambda: len(shard_files(folder)) >= 2, thread)
         result = finished(thread, outcome)
         assert result["splits"]["train"]["complete"] and result["splits"]["test"]["complete"]
-        # the lost node's shard went back to the queue and was embedded by the survivor
-        assert result["requeued"] >= 1
+        # the lost node's shard went back to the queue and was embedded by the survivor (or,
+        # on a loaded machine, the node was lost between two of its shards)
+        assert result["requeued"] >= 1 or result["replaced"] >= 1, result
         assert sum(result["workers"].values()) == 50 and result["splits"]["train"]["computed"] == 40
         survivors = {node_of(w) for w in result["workers"]} - {lost}
         assert survivors and survivors <= worker_nodes(cluster)

@@ -1,17 +1,20 @@
 """The report from small fixed tables in a temporary experiment directory: files,
 valid non-trivial PNGs, tables in the Markdown, partial experiments, the command."""
 
+import functools
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pandas as pd
 import pytest
 from PIL import Image
 
-from attribution.data import DatasetNotFoundError, load_dataset
+from attribution.data import load_dataset
 from attribution.experiment import Experiment
 from attribution.artifacts import write_json, write_table
 from attribution.report import ReportError, write_report
+from conftest import real_data_or_none
 
 METHODS = ["esvm", "l2", "random", "trak"]
 TOP = 12
@@ -19,14 +22,11 @@ N_TARGETS = 8
 LIMIT = 64
 
 
+@functools.cache
 def fashion_mnist_or_none():
-    try:
-        return load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
-    except DatasetNotFoundError:
-        return None
-
-
-DATA = fashion_mnist_or_none()
+    """The real splits; None on a developer machine without them (a failure with CI set)."""
+    return real_data_or_none(lambda: (load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")),
+                             "Fashion-MNIST")
 
 
 def make_experiment(root, *, support=True, trainings=True, dataset="fashion-mnist", data_root=""):
@@ -38,8 +38,8 @@ def make_experiment(root, *, support=True, trainings=True, dataset="fashion-mnis
     """
     rng = np.random.default_rng(0)
     exp = Experiment(root).create()
-    if DATA is not None:
-        train, test = DATA
+    if fashion_mnist_or_none() is not None:
+        train, test = fashion_mnist_or_none()
         targets = test.ids[:N_TARGETS]
         target_labels = test.labels[:N_TARGETS]
         pools = {int(t): train.ids[train.labels == y][:200] for t, y in zip(targets, target_labels)}
@@ -138,7 +138,7 @@ def test_full_report_files_tables_and_plots(tmp_path):
     html = html_path.read_text()
     assert html.count("data:image/png;base64,") >= 3 and "<table>" in html
     assert not list(exp.root.rglob(".*.tmp"))  # atomic writes left no temporaries
-    if DATA is not None:
+    if fashion_mnist_or_none() is not None:
         assert_png_has_content(exp.root / "report_files" / "top_ranked.png")
         assert "Image grid skipped" not in md
     else:
@@ -269,3 +269,14 @@ def test_report_without_rankings(tmp_path, keep):
     assert "No rankings yet: run `attribution rank --exp EXP`" in md
     assert ("| esvm | removal | 7/8 |" in md) == (keep == "support.parquet")
     assert "Retraining log" in md
+
+
+def test_report_with_an_empty_support_table_says_why(tmp_path):
+    """Every target screened out: the support section says so instead of failing."""
+    exp = make_experiment(tmp_path / "exp")
+    table = pq.read_table(exp.support)
+    pq.write_table(table.slice(0, 0), exp.support)
+    md, _ = write_report(exp.root, n_boot=50)
+    text = md.read_text()
+    assert "The support table has no searches: every selected target was screened out" in text
+    assert "Per-target comparisons" not in text

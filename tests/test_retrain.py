@@ -215,3 +215,43 @@ def test_retrain_worker_items(small):
     assert subset["margins"].shape == (5,) and subset["margins"].dtype == np.float32
     with pytest.raises(ValueError, match="unknown retraining job kind"):
         worker({"kind": "nope"})
+
+
+def test_deterministic_input_errors_are_not_retried_errors(small):
+    """Every error a retraining's input makes deterministically (an empty training set,
+    unknown ids or targets, a bad relabel class, mismatched shapes, an unknown item kind)
+    is a NotRetried (the queue fails it at once) and a ValueError, with its message."""
+    import pickle
+
+    from attribution.retraining import RetrainWorker, target_arrays, training_arrays
+    from attribution.workqueue import NotRetried
+
+    trainer, train, test = small
+    cases = [
+        (lambda: trainer.train(removed_ids=train.ids, seed=0), retrain.EmptyTrainingSet,
+         f"every one of the {len(train)} training images was removed"),
+        (lambda: trainer.training_set([10**9]), retrain.UnknownIds, r"ids not in the training set: \[1000000000\]"),
+        (lambda: trainer.training_set((), train.ids[:2], relabel_to=10), retrain.RetrainInputError,
+         r"relabel_to must be a class in \[0, 10\), got 10"),
+        (lambda: retrain.Retrainer(trainer.config, np.zeros((3, 28, 28, 1), np.uint8), np.zeros(2), np.arange(3),
+                                   (0.5,), (0.5,)), retrain.RetrainInputError, "3 images, 2 labels, 3 ids"),
+        (lambda: retrain.build_model("cnn", 10, (28, 32, 1)), retrain.RetrainInputError, "square images"),
+    ]
+    worker = RetrainWorker(trainer.config.to_dict(), training_arrays(train), target_arrays(test, test.ids[:2]))
+    cases += [
+        (lambda: worker({"kind": "train", "target_id": int(test.ids[5]), "torch_seed": 0}), retrain.UnknownIds,
+         f"target {int(test.ids[5])} is not among this pool's 2 targets"),
+        (lambda: worker({"kind": "train", "target_id": int(test.ids[0]), "removed_ids": train.ids, "torch_seed": 0}),
+         retrain.EmptyTrainingSet, "was removed: nothing to train on"),
+        (lambda: worker({"kind": "nope"}), retrain.RetrainInputError, "unknown retraining job kind 'nope'"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message) as error:
+            call()
+        assert isinstance(error.value, NotRetried) and isinstance(error.value, ValueError), kind
+        again = pickle.loads(pickle.dumps(error.value))  # how Ray ships a worker's error to the driver
+        assert type(again) is type(error.value) and str(again) == str(error.value)
+    # unknown ids stay a KeyError for lookups, with a readable message (not KeyError's quoted repr)
+    with pytest.raises(KeyError) as error:
+        trainer.positions_of([10**9])
+    assert str(error.value).startswith("ids not in the training set")

@@ -38,7 +38,7 @@ def test_values_are_typed_and_defaults_filled():
     ({"alpha": 1.0}, r"toy.alpha must be in \(0.0, 1.0\), got 1.0"),
     ({"methods": ["esvm", "knn"]}, r"toy.methods\[1\] must be one of \['esvm', 'l2'\], got 'knn'"),
     ({"targets": -1}, "toy.targets must be an integer or a list"),
-    ({"topk": 3}, r"unknown \[toy\] setting\(s\) \['topk'\]; known: \["),
+    ({"topk": 3}, r"unknown \[toy\] setting\(s\) \['topk'\] \(did you mean 'top_k'\?\); known: \["),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(values, message):
     with pytest.raises(SettingsError, match=message):

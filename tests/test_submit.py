@@ -131,3 +131,70 @@ def test_submit_named_preset_stores_a_stage_at_the_uri(token_cluster, tmp_path):
     assert manifest["preset"]["preset"]["name"] == "quickstart"
     assert manifest["pretrain"]["steps"] == 1
     assert (tmp_path / "stored" / "checkpoints" / "moco.pt").stat().st_size > 1_000_000
+
+
+# Every stage of the quickstart preset at sizes a 2-CPU head finishes in about a minute:
+# 200 training / 40 test images, 2 MoCo steps, 4 ranked targets (top 20), 2 TRAK models,
+# 8 datamodels, 4 support targets with 2-step searches of 2 seeds. embed.actors=0:
+# the preset's explicit 2 embedding workers would be honoured (and one reported pending);
+# here every pool is sized by the program.
+TINY_QUICKSTART = [
+    "data.train_per_class=20", "data.test_per_class=4",
+    "pretrain.max_steps=2", "pretrain.time_budget_s=0", "pretrain.batch_size=8", 'pretrain.images="subset"',
+    "pretrain.queue_size=16", "pretrain.warmup_steps=1",
+    "embed.shard_size=100", "embed.batch_size=100", "embed.actors=0",
+    "rank.top_k=20", "rank.targets=4",
+    "trak.checkpoints=2", "trak.proj_dim=32",
+    "datamodels.models=8", "datamodels.lds_models=0",
+    "support.targets=4", "support.budget=2", "support.seeds=2", "support.ensemble=2",
+    "support.top_k=20",
+    "report.n_boot=20",
+]
+WORKER_CLASSES = {"Embedder", "RankWorker", "RetrainWorker", "RegressionWorker"}
+
+JOB_ACTORS = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_actors
+address, submission_id = sys.argv[1:]
+job_id = JobSubmissionClient(address).get_job_info(submission_id).job_id
+actors = list_actors(address=address, filters=[("job_id", "=", job_id)], detail=True, limit=10000,
+                     raise_on_missing_output=False)
+print(json.dumps([{"class_name": a.class_name, "pid": a.pid, "node_id": a.node_id, "state": a.state} for a in actors]))
+"""
+
+
+def job_actors(cluster, submission_id: str) -> list[dict]:
+    """The actors a job created (Ray's state API on the head, token auth)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(cluster["home"]), RAY_AUTH_MODE="token")
+    result = subprocess.run([sys.executable, "-c", JOB_ACTORS, cluster["address"], submission_id], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(300)
+def test_quickstart_job_finishes_on_a_two_cpu_head(token_cluster, tmp_path):
+    """The head has 2 CPUs and the job's driver holds one: every pool sizes itself to the
+    CPU left, so no worker is ever requested that Ray cannot place (before, each pool
+    asked for 2, and the second waited for a CPU that never came)."""
+    args = ["submit", "quickstart", "--address", token_cluster["address"], "--exp", str(tmp_path / "exp")]
+    for override in TINY_QUICKSTART:
+        args += ["--set", override]
+    start = time.monotonic()
+    result = run_cli(args, home=token_cluster["home"], timeout=240)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "SUCCEEDED" in result.stdout.splitlines()[-1], result.stdout[-3000:]
+    assert "still pending" not in result.stdout, result.stdout[-3000:]  # no pool waited for a worker
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    for stage in ("pretrain", "embed", "rank", "trak", "datamodels", "support"):
+        assert stage in manifest, f"the job did not record its {stage} stage"
+    assert (tmp_path / "exp" / "support.parquet").is_file() and (tmp_path / "exp" / "report.md").is_file()
+    job_id = result.stdout.split("submitted job ")[1].split()[0]
+    workers = [a for a in job_actors(token_cluster, job_id) if a["class_name"] in WORKER_CLASSES]
+    assert {a["class_name"] for a in workers} == WORKER_CLASSES, workers  # every kind of pool ran
+    never_placed = [a for a in workers if not a["pid"]]
+    assert not never_placed, f"workers asked for that Ray could not place: {never_placed}"
+    print(f"quickstart job on a 2-CPU head: {seconds:.0f} s")

@@ -1,5 +1,6 @@
 """The support stage: real Fashion-MNIST, real Parquet, on a real local Ray and in-process;
-resume after a crashed driver, retry of a failed training, refusal of changed settings."""
+resume after a crashed driver, retry of a failed training, refusal of changed settings,
+no outcome reused after the rankings changed, small training sets."""
 
 import shutil
 
@@ -10,15 +11,15 @@ import pytest
 import torch
 
 from attribution import retrain
-from attribution.artifacts import SettingsChanged, read_dataset, stored_settings, write_table
+from attribution.artifacts import SettingsChanged, ids_digest, read_dataset, stored_settings, write_table
 from attribution.bisection import BisectionSearch, Trial
 from attribution.data import load_dataset
 from attribution.experiment import Experiment
-from attribution.retraining import PartLog
+from attribution.retraining import PartLog, RetrainWorker, target_arrays, training_arrays
 from attribution.settings import SettingsError
 from attribution.stages import StageInputMissing, parse_settings, stage_class
-from attribution.stages.support import (TRAININGS_SCHEMA, SearchScheduler, SearchTask, SupportStage,
-                                        read_trainings)
+from attribution.stages.support import (TRAINING_KEY, TRAININGS_SCHEMA, SearchScheduler, SearchTask, SupportStage,
+                                        deterministic, failure_message, item_name, read_trainings)
 from attribution.workqueue import InProcessRuntime, QueueWorker, WorkFailed
 from tests.faults import FaultyRuntime, SimulatedCrash
 
@@ -62,8 +63,9 @@ def setting():
     return train, targets, labels, good, bad
 
 
-def write_rankings(exp, train, targets, labels):
-    """l2 (pixel distance) and random same-class rankings, as the rank stage writes them."""
+def write_rankings(exp, train, targets, labels, random_seed=0):
+    """l2 (pixel distance) and random same-class rankings, as the rank stage writes them
+    (``random_seed``: another seed of the random method, i.e. other rankings for it)."""
     x = train.images(np.arange(len(train))).reshape(len(train), -1).astype(np.float32)
     test = load_dataset("fashion-mnist", "test")
     for method in ("l2", "random"):
@@ -74,7 +76,8 @@ def write_rankings(exp, train, targets, labels):
                 t = test.images(test.positions_of([target])).reshape(-1).astype(np.float32)
                 score = -np.linalg.norm(x[same] - t, axis=1)
             else:
-                score = np.random.default_rng(int(target)).random(len(same))
+                seed = [int(target), random_seed] if random_seed else int(target)
+                score = np.random.default_rng(seed).random(len(same))
             order = np.argsort(-score, kind="stable")
             rows.append(pd.DataFrame({"target_id": np.int64(target), "method": method,
                                       "rank": np.arange(len(order), dtype=np.int32),
@@ -84,10 +87,10 @@ def write_rankings(exp, train, targets, labels):
         write_table(table, exp.rankings / f"{method}.parquet")
 
 
-def new_exp(path, setting):
+def new_exp(path, setting, random_seed=0):
     train, targets, labels, _, _ = setting
     exp = Experiment(path).create()
-    write_rankings(exp, train, targets, labels)
+    write_rankings(exp, train, targets, labels, random_seed)
     return exp
 
 
@@ -101,6 +104,12 @@ def clean(ray_runtime, setting, tmp_path_factory):
 
 def supports(exp):
     return pd.read_parquet(exp.support).set_index(["target_id", "method", "mode"])["support"].sort_index()
+
+
+def training_keys(log) -> set:
+    """The full training keys of a log (a null relabel class as -1: NaN never equals itself)."""
+    frame = log[TRAINING_KEY].fillna({"relabel_to": -1}).astype({"relabel_to": int})
+    return set(map(tuple, frame.itertuples(index=False)))
 
 
 # ----------------------------------------------------------------------------- on Ray
@@ -225,6 +234,101 @@ def test_in_process_runtime_gives_the_ray_supports(clean, setting, tmp_path):
     np.testing.assert_array_equal(log["margin"].to_numpy(), same["margin"].to_numpy())
 
 
+def test_recomputed_rankings_are_never_answered_from_old_trainings(clean, setting, tmp_path):
+    """The random method is ranked again with another seed (as `rank --overwrite` would
+    recompute it): support refuses to replace its table without --force; forced, it
+    retrains every trial whose ranked prefix changed although the log holds an outcome
+    for the same (target, method, mode, k, seed), reuses the trials whose changed set is
+    the same (all of l2's, and each search's first test at k = the whole class), and
+    reaches exactly the supports of a fresh run on the new rankings."""
+    train, targets, labels, _, _ = setting
+    exp = Experiment(tmp_path / "reranked")
+    shutil.copytree(clean[0].root, exp.root)
+    old, before = read_trainings(exp.trainings), pd.read_parquet(exp.support)
+    write_rankings(exp, train, targets, labels, random_seed=1)
+    config = preset(targets=targets.tolist(), speculate=False)  # required trainings only: a deterministic set
+    with pytest.raises(SettingsChanged, match=r"rankings\.random: '[0-9a-f]+' -> '[0-9a-f]+'.*--force"):
+        support_stage(exp, config, None)()
+    pd.testing.assert_frame_equal(pd.read_parquet(exp.support), before)  # refused: nothing replaced
+    summary = support_stage(exp, config, InProcessRuntime(), force=True)()
+    log = read_trainings(exp.trainings)
+    old_keys = training_keys(old)
+    new_keys = training_keys(log) - old_keys
+    assert summary["trained_this_run"] == len(new_keys) == len(log) - len(old) > 0  # nothing trained twice
+    # what the searches on the new rankings need: a fresh experiment's log
+    fresh = new_exp(tmp_path / "fresh", setting, random_seed=1)
+    support_stage(fresh, dict(config, support=dict(config["support"], methods=["random"])), InProcessRuntime())()
+    needed = training_keys(read_trainings(fresh.trainings))
+    assert new_keys == needed - old_keys  # every changed prefix retrained, nothing else
+    assert {key[1] for key in new_keys} == {"random"}  # l2's rankings are the same: all of it reused
+    reused = needed & old_keys
+    assert reused and {key[3] for key in reused} == {TRAIN_PER_CLASS}  # the same set of ids: the same training
+    # the old key (target, method, mode, k, seed) had an outcome for these: trained on the old prefix
+    assert sum(key[:5] in {old_key[:5] for old_key in old_keys} for key in new_keys) >= len(new_keys) // 2
+    got = supports(exp)
+    pd.testing.assert_series_equal(got.xs("random", level="method"), supports(fresh).xs("random", level="method"))
+    pd.testing.assert_series_equal(got.xs("l2", level="method"), supports(clean[0]).xs("l2", level="method"))
+    stored, earlier = stored_settings(exp.support)["rankings"], stored_settings(clean[0].support)["rankings"]
+    assert stored["l2"] == earlier["l2"] and stored["random"] != earlier["random"]
+    support_stage(exp, config, None)()  # the new rankings are now the stored ones: accepted, nothing to train
+
+
+def test_a_deterministic_training_error_fails_without_suggesting_retries(ray_runtime, setting):
+    """Removing every training image fails the same way on every attempt: the worker's
+    error is a NotRetried (on Ray too, through the task error), and the stage's message
+    says to fix the input, not to raise max_retries; other failures still suggest it."""
+    from attribution.workqueue import PoolRequest
+
+    train, targets, _, _, _ = setting
+    test = load_dataset("fashion-mnist", "test")
+    args = (retrain.make_config("mlp", epochs=1, device="cpu").to_dict(), training_arrays(train),
+            target_arrays(test, targets[:1]))
+    item = {"kind": "train", "target_id": int(targets[0]), "method": "l2", "mode": "removal", "k": len(train),
+            "seed": 0, "removed_ids": train.ids, "torch_seed": 0}
+    for runtime in (InProcessRuntime(), ray_runtime):
+        with runtime.queue(PoolRequest("retrain", actors=1, model="mlp"), RetrainWorker, *args, max_retries=1,
+                           key=item_name) as queue:
+            queue.submit(item)
+            with pytest.raises(WorkFailed, match=f"every one of the {len(train)} training images was removed") as error:
+                while queue.next(timeout=60) is None:
+                    pass
+            assert queue.retried == 0  # failed at once: another attempt would fail the same way
+        assert deterministic(error.value), type(error.value.__cause__)
+        message = failure_message(error.value, "EXP/trainings")
+        assert "fails the same way on every attempt" in message and "max_retries" not in message
+    try:
+        raise WorkFailed("training (1, 'l2', 'removal', 3, 0) failed 3 times; last error: OSError: disk full") \
+            from OSError("disk full")
+    except WorkFailed as transient:
+        assert not deterministic(transient)
+        assert "raise support.max_retries" in failure_message(transient, "EXP/trainings")
+
+
+def test_top_k_at_the_training_set_size_caps_removal_below_it(setting, tmp_path, capsys):
+    """A ranking of every training image and support.top_k = the training-set size n: the
+    removal search tests at most n - 1 images (removing all n leaves nothing to train on),
+    says so, and records it as the limit; mislabel may relabel all n. Nothing fails and
+    nothing is retried; a larger top_k gives the same searches."""
+    train, _, _, good, _ = setting
+    n, target = len(train), int(good[0])
+    exp = Experiment(tmp_path / "small").create()
+    order = np.random.default_rng(5).permutation(n)
+    write_table(pa.table({"target_id": np.full(n, target, np.int64), "method": ["random"] * n,
+                          "rank": np.arange(n, dtype=np.int32), "train_id": train.ids[order].astype(np.int64),
+                          "score": np.linspace(1, 0, n, dtype=np.float32)}), exp.rankings / "random.parquet")
+    summary = support_stage(exp, preset(targets=[target], top_k=n, budget=2), InProcessRuntime())()
+    assert f"removal searches test at most k = {n - 1}" in capsys.readouterr().err
+    table = pd.read_parquet(exp.support).set_index("mode")
+    assert table.loc["removal", "limit"] == n - 1 and table.loc["mislabel", "limit"] == n
+    assert summary["limit_capped"] == 1 and summary["retried"] == 0 and summary["searches"] == 2
+    log = read_trainings(exp.trainings)
+    assert log.groupby("mode")["k"].max().to_dict() == {"removal": n - 1, "mislabel": n}
+    first = supports(exp)
+    again = support_stage(exp, preset(targets=[target], top_k=10 * n, budget=2), InProcessRuntime(), force=True)()
+    assert again["trained_this_run"] == 0 and again["limit_capped"] == 1
+    pd.testing.assert_series_equal(supports(exp), first)
+
+
 # ----------------------------------------------------------------------------- in-process
 
 
@@ -237,8 +341,15 @@ def test_items_remove_or_relabel_the_ranked_prefix():
         assert (item["target_id"], item["method"], item["mode"], item["k"], item["seed"]) == (5, "m", mode, 3, 2)
         if mode == "removal":
             assert item["removed_ids"].tolist() == [7, 3, 9] and "relabel_ids" not in item
+            assert task.relabel_to is None
         else:
-            assert item["relabel_ids"].tolist() == [7, 3, 9] and item["relabel_to"] == 4
+            assert item["relabel_ids"].tolist() == [7, 3, 9] and item["relabel_to"] == 4 == task.relabel_to
+        # the change a logged training answers for: the set of ids changed (order is irrelevant to a training)
+        assert item["change"] == task.change(3) == ids_digest([3, 7, 9])
+        reordered = SearchTask(5, "m", mode, np.array([9, 7, 3, 1]), 4, BisectionSearch(4, mode=mode))
+        other = SearchTask(5, "m", mode, np.array([7, 3, 1, 9]), 4, BisectionSearch(4, mode=mode))
+        assert reordered.change(3) == task.change(3) != other.change(3)
+        assert other.change(4) == task.change(4)  # the whole ranking: the same set
 
 
 class ThresholdWorker(QueueWorker):
@@ -286,6 +397,41 @@ def test_scheduler_resumes_from_known_outcomes_and_never_repeats_them(tmp_path):
     assert not third.active
     third.run(runtime.queue(None, ThresholdWorker, flip_at))
     assert third.trained == []
+
+
+def test_rows_of_another_prefix_relabel_class_or_an_older_log_answer_nothing(tmp_path):
+    """A logged training answers a search only for the same set of changed ids and the
+    same relabel class; rows of a log written before those columns existed answer
+    nothing, and a log mixing both kinds of parts keeps the new columns."""
+    ranked = np.arange(20, dtype=np.int64)
+
+    def tasks(order=ranked, flip=0):
+        return [SearchTask(1, "m", mode, order, flip, BisectionSearch(20, 8, 5, 1, True, mode, key=mode))
+                for mode in ("removal", "mislabel")]
+
+    first = SearchScheduler(tasks(), base_seed=0, recipe="r", log=PartLog(tmp_path / "log", TRAININGS_SCHEMA))
+    first.run(InProcessRuntime().queue(None, ThresholdWorker, {1: 7}))
+    first.log.flush()
+    log = read_trainings(tmp_path / "log", "r")
+    assert log["change"].notna().all() and log.loc[log["mode"] == "removal", "relabel_to"].isna().all()
+    assert (log.loc[log["mode"] == "mislabel", "relabel_to"] == 0).all()
+    assert SearchScheduler(tasks(), 0, "r").resume(log) == len(log)  # the same rankings: every row answers
+    # the same ids ranked in another order: only k = 20 (every id) changes the same set
+    assert SearchScheduler(tasks(ranked[::-1].copy()), 0, "r").resume(log) == int((log["k"] == 20).sum()) > 0
+    # another flip class: the mislabel rows relabelled to another class, the removal rows still answer
+    assert SearchScheduler(tasks(flip=3), 0, "r").resume(log) == int((log["mode"] == "removal").sum())
+    # an older part (sorted first, so its schema would decide) without the columns, and a new one
+    legacy = pa.schema([f for f in TRAININGS_SCHEMA if f.name not in ("change", "relabel_to")])
+    write_table(pa.Table.from_pandas(log[legacy.names], schema=legacy, preserve_index=False),
+                tmp_path / "mixed" / "part-0-legacy.parquet")
+    newer = PartLog(tmp_path / "mixed", TRAININGS_SCHEMA)
+    mislabel = log[log["mode"] == "mislabel"]
+    for row in mislabel.to_dict("records"):
+        newer.add(dict(row, relabel_to=int(row["relabel_to"])))
+    newer.flush()
+    mixed = read_trainings(tmp_path / "mixed", "r")
+    assert len(mixed) == len(log) + len(mislabel) and mixed["change"].isna().sum() == len(log)
+    assert SearchScheduler(tasks(), 0, "r").resume(mixed) == len(mislabel)
 
 
 def test_trainings_of_other_recipes_are_ignored_not_refused(tmp_path):

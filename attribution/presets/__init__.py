@@ -27,10 +27,12 @@ def load_ablations() -> dict[str, dict[str, Any]]:
 def apply_ablation(preset: dict[str, Any], name: str) -> dict[str, Any]:
     """A copy of ``preset`` with ablation ``name`` applied (its ``drop`` stages removed,
     its ``set`` values written); ``preset["ablation"]`` records the name."""
+    from attribution.settings import SettingsError, did_you_mean
+
     ablations = load_ablations()
     if name not in ablations:
-        raise ValueError(f"unknown ablation {name!r}; choose one of {sorted(ablations)} "
-                         f"(defined in {ABLATIONS_FILE})")
+        raise SettingsError(f"unknown ablation {name!r}{did_you_mean(name, ablations)}; choose one of "
+                            f"{sorted(ablations)} (defined in {ABLATIONS_FILE})")
     ablation = ablations[name]
     out = {key: (dict(value) if isinstance(value, dict) else value) for key, value in preset.items()}
     for stage in ablation.get("drop", []):
@@ -42,10 +44,16 @@ def apply_ablation(preset: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _set(preset: dict[str, Any], dotted: str, value: Any) -> None:
+    from attribution.settings import SettingsError
+
     section, _, key = dotted.rpartition(".")
-    target = preset
+    target, walked = preset, []
     for part in filter(None, section.split(".")):
+        walked.append(part)
         target = target.setdefault(part, {})
+        if not isinstance(target, dict):  # e.g. rank.methods.x: methods is a list, not a table
+            raise SettingsError(f"cannot set {dotted}: {'.'.join(walked)} is {target!r}, not a table of "
+                                "settings; write --set SECTION.KEY=VALUE, e.g. --set rank.top_k=100")
     target[key] = value
 
 
@@ -53,15 +61,22 @@ def load_preset(name_or_path: str | os.PathLike, overrides: dict[str, Any] | Non
                 ablation: str | None = None) -> dict[str, Any]:
     """Load a preset by name (``quickstart``) or path; ``ablation`` names an entry of
     ablations.toml (applied first); ``overrides`` maps ``section.key`` to values."""
+    from attribution.settings import SettingsError, did_you_mean
+
     path = Path(name_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{name_or_path}.toml"
-    if not path.exists():
+    if not path.is_file():
+        hint = did_you_mean(str(name_or_path), available_presets()) if path.parent == PRESET_DIR else ""
         raise FileNotFoundError(
-            f"preset {name_or_path!r} not found (looked for {path}); available: {', '.join(available_presets())}"
+            f"preset {str(name_or_path)!r} not found (looked for {path}){hint}; give a preset name "
+            f"({', '.join(available_presets())}) or the path of a .toml file"
         )
-    with open(path, "rb") as handle:
-        preset = tomllib.load(handle)
+    try:
+        with open(path, "rb") as handle:
+            preset = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"preset file {path} is not valid TOML ({error}); fix that line of the file") from error
     preset.setdefault("name", path.stem)
     if ablation:
         preset = apply_ablation(preset, ablation)
@@ -92,12 +107,21 @@ def section_settings(cls, preset: dict[str, Any], section: str):
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``section.key=value`` with value parsed as TOML (falls back to a string)."""
-    if "=" not in text:
-        raise ValueError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
+    """``section.key=value`` with value parsed as TOML (falls back to a string). Only the
+    shape is checked here; the settings layer checks that the key exists and the value fits."""
+    from attribution.settings import SettingsError
+
+    key, equals, raw = text.partition("=")
+    key = key.strip()
+    if not equals or not key or any(not part for part in key.split(".")):
+        raise SettingsError(f"--set {text!r} must look like SECTION.KEY=VALUE, e.g. --set rank.top_k=100")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return key.strip(), value
+    return key, value
+
+
+def parse_overrides(texts) -> dict[str, Any]:
+    """Every ``--set`` of a command, in order (a key given twice: the last value counts)."""
+    return dict(parse_override(text) for text in texts or [])

@@ -38,7 +38,9 @@ def available_stages() -> list[str]:
 
 def stage_class(name: str) -> type[Stage]:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown stage {name!r}; stages: {available_stages()}")
+        from attribution.settings import did_you_mean
+
+        raise ValueError(f"unknown stage {name!r}{did_you_mean(name, _REGISTRY)}; stages: {available_stages()}")
     return _REGISTRY[name]
 
 
@@ -68,10 +70,15 @@ def select_stages(names) -> list[str]:
         return available_stages()
     if isinstance(names, str):
         names = names.split(",")
+    from attribution.settings import SettingsError, did_you_mean
+
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in _REGISTRY]
-    if unknown or not names:
-        raise ValueError(f"unknown stage(s) {unknown or names}; stages: {', '.join(available_stages())}")
+    if not names:
+        raise SettingsError(f"--stages is empty; give comma-separated stage names: {', '.join(available_stages())}")
+    if unknown:
+        raise SettingsError(f"unknown stage(s) {unknown}{did_you_mean(unknown, _REGISTRY)}; stages: "
+                            f"{', '.join(available_stages())}")
     return [n for n in available_stages() if n in names]
 
 

@@ -11,10 +11,12 @@ It declares
   refused by :meth:`Stage.check_inputs` with the stage that writes it;
 - ``flags``: its own command-line flags (the CLI builds one subcommand per stage).
 
-Calling a stage runs :meth:`plan` (read inputs, decide what is already done, refuse
-changed settings; writes nothing), :meth:`run` (compute what the plan lists, writing
-each artifact atomically as it completes, so an interrupted run resumes) and
-:meth:`finish` (record the stage in the manifest, return a summary).
+Calling a stage takes the experiment's lock (:meth:`attribution.experiment.Experiment.lock`:
+one writer at a time) and runs :meth:`preflight` (cheap checks: inputs, data files),
+:meth:`plan` (read inputs, decide what is already done, refuse changed settings; writes
+nothing), :meth:`run` (compute what the plan lists, writing each artifact atomically as
+it completes, so an interrupted run resumes) and :meth:`finish` (record the stage in the
+manifest, return a summary).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Collection
 
 from attribution.experiment import ARTIFACTS, Experiment
 from attribution.settings import Section, Settings
@@ -64,6 +66,7 @@ class Stage(abc.ABC):
     flags: ClassVar[tuple[Flag, ...]] = ()
     help: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    uses_data: ClassVar[bool] = True  # reads the [data] images (preflight checks their files exist)
 
     def __init__(self, exp: Experiment, settings: Settings, runtime=None, *, progress: bool = True, **options):
         self.exp = exp if isinstance(exp, Experiment) else Experiment(exp)
@@ -76,15 +79,29 @@ class Stage(abc.ABC):
     # ------------------------------------------------------------------ the shape
     def check_inputs(self) -> None:
         """Refuse to start when an input artifact is missing, naming its producer."""
+        self.require(self.reads)
+
+    def require(self, artifacts, produced: Collection[str] = ()) -> None:
+        """:class:`StageInputMissing` for the first of ``artifacts`` that is neither in EXP
+        nor in ``produced`` (what earlier stages of the same run will write)."""
         from attribution.stages import producer_of
 
-        for artifact in self.reads:
-            if not self.exp.has(artifact):
+        for artifact in artifacts:
+            if artifact not in produced and not self.exp.has(artifact):
                 producer = producer_of(artifact)
                 raise StageInputMissing(
                     f"the {self.name} stage needs {self.exp.path(artifact)} ({artifact}), which the {producer} "
-                    f"stage writes: run 'attribution {producer} --exp {self.exp.root}' first "
-                    f"(or 'attribution run PRESET --exp {self.exp.root}')")
+                    f"stage writes: run 'attribution {producer} --exp {self.exp.location}' first "
+                    f"(or 'attribution run PRESET --exp {self.exp.location}')")
+
+    def preflight(self, produced: Collection[str] = ()) -> None:
+        """Cheap checks before anything is computed or written (no data loaded, no model
+        built): every input exists or is in ``produced`` (written by a stage selected to
+        run before this one), and the [data] files exist. The pipeline runs this for every
+        selected stage before it records the preset; a stage's own call runs it too."""
+        self.require(self.reads, produced)
+        if self.uses_data:
+            self.settings.data.check_available()
 
     @abc.abstractmethod
     def plan(self) -> Plan:
@@ -100,12 +117,20 @@ class Stage(abc.ABC):
         self.exp.record_stage(self.name, settings=self.config.to_dict(), **summary)
         return summary
 
-    def __call__(self) -> dict:
+    def __call__(self, on_planned: Callable[["Stage", Plan], None] | None = None) -> dict:
+        """Run the stage under the experiment's lock. ``on_planned(stage, plan)`` is called
+        once the stage's checks passed (its plan is made), before it writes anything: the
+        pipeline records the preset there."""
         start = time.perf_counter()
-        self.check_inputs()
-        plan = self.plan()
-        result = self.run(plan)
-        summary = self.finish(plan, result)
+        with self.exp.lock():
+            self.preflight()
+            self.check_inputs()
+            plan = self.plan()
+            if on_planned is not None:
+                on_planned(self, plan)
+            self.exp.record_location()
+            result = self.run(plan)
+            summary = self.finish(plan, result)
         summary.setdefault("seconds", round(time.perf_counter() - start, 1))
         return summary
 

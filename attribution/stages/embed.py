@@ -8,8 +8,10 @@ The work is :mod:`attribution.embedding`'s: :func:`~attribution.embedding.plan_e
     EmbedStage(exp, parse_settings(preset), RayRuntime())()      # or InProcessRuntime()
     EmbedStage(exp, settings, runtime, overwrite=True)()         # --overwrite
 
-``--overwrite`` deletes EXP/embeddings only after the data and the checkpoint were
-loaded, so a bad data root or checkpoint leaves the existing shards intact.
+``--overwrite`` replaces EXP/embeddings only after the data and the checkpoint were
+loaded, so a bad data root or checkpoint leaves the existing shards intact; the old
+shards and manifest are moved aside meanwhile and restored if the new embedding fails
+(:func:`attribution.embedding.run_embedding`).
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ class EmbedStage(Stage):
     settings_class = EmbedSettings
     reads = ()  # + "checkpoint" when embed.checkpoint = "pretrained" (check_inputs)
     writes = ("embeddings",)
-    flags = (Flag("--overwrite", "delete EXP/embeddings and recompute (needed when the backbone, checkpoint or "
-                  "data changed); the data and checkpoint are checked to load first", option="overwrite"),)
+    flags = (Flag("--overwrite", "recompute EXP/embeddings (needed when the backbone, checkpoint or data changed); "
+                  "the data and checkpoint are checked to load first, and the old shards are restored if the "
+                  "new ones fail", option="overwrite"),)
     help = "embed the preset's train/test images into EXP/embeddings (Parquet shards)"
     description = ("Embed the train and test subsets of a preset's [data] section with its [embed] backbone, "
                    "one Parquet file per shard, on a pool of workers. Rerunning resumes: finished shards are "

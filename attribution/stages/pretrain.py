@@ -21,12 +21,11 @@ changed are reused too.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from attribution.artifacts import check_settings, differences, fingerprint
+from attribution.artifacts import aside, check_settings, differences, fingerprint
 from attribution.backbones import RESNETS, BackboneSpec, CheckpointError, checkpoint_metadata
 from attribution.settings import DataSettings, Section, setting
 from attribution.stages import register_stage
@@ -155,11 +154,13 @@ class PretrainStage(Stage):
             progress=self.progress)
         print(f"pretrain: MoCo v2 {spec.name} on {len(images)} {self.settings.data.dataset} train images "
               f"({c.images}), settings hash {digest}", flush=True)
-        pretrainer.fit(images)
+        pretrainer.fit(images)  # moco.pt stays in place while training: a failure here leaves it as it was
         replaced = plan.extra["replaces"]
-        if replaced is not None:  # --force: the old checkpoint stays beside the new one
-            os.replace(path, path.with_name(f"moco-{replaced.get('config_hash', 'unknown')}.pt"))
-        pretrainer.save(path, pretrain={"config_hash": digest, "settings": settings})
+        # --force: the old checkpoint stays beside the new one as moco-<its hash>.pt, once the
+        # new one is written (a failing save puts the old one back at moco.pt)
+        kept = {} if replaced is None else {path: path.with_name(f"moco-{replaced.get('config_hash', 'unknown')}.pt")}
+        with aside(list(kept), keep=kept):
+            pretrainer.save(path, pretrain={"config_hash": digest, "settings": settings})
         return {"checkpoint": str(path), "config_hash": digest, "reused": False, **pretrainer.summary(),
                 "spec": replace(spec, checkpoint=str(path)).to_dict()}
 

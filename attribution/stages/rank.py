@@ -277,6 +277,7 @@ class RankStage(Stage):
     reads = ("embeddings",)
     writes = ("scores", "rankings")
     flags = ()
+    uses_data = False  # embeddings only: no images are read
     help = "rank training images for each target (ESVM, l2, cosine, random)"
     description = ("Read EXP/embeddings and score every target's candidates with the [rank] methods: one "
                    "score block and one ranking file per (method, class). Finished (method, class) units "

@@ -46,6 +46,7 @@ class ReportStage(Stage):
     settings_class = ReportSettings
     reads = ()
     writes = ("report",)
+    uses_data = False  # the stored tables only (a missing dataset only drops the image grid)
     flags = (
         Flag("--n-boot", "bootstrap resamples over targets (default 1000)", setting="report.n_boot", type=int),
         Flag("--seed", "seed of the bootstrap and the image-grid targets (default 0)", setting="report.seed",

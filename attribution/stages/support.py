@@ -18,9 +18,20 @@ node puts its item back in the queue; a failing item is retried ``max_retries`` 
 Resume: every finished training is appended to ``EXP/trainings/``
 (:class:`attribution.retraining.PartLog`); a rerun reads the rows of the same recipe,
 feeds them to the searches before proposing anything, and so never repeats a finished
-training. A training's torch seed is fixed by (base seed, seed index) and its change by
-(target, method, mode, k), so a rerun reaches the same supports. Rows of other recipes
-are ignored (not refused): the log is a cache of facts per recipe.
+training. A training's torch seed is fixed by (base seed, seed index); its change is
+stored with it as ``change`` (a digest of the set of ids removed / relabelled: the
+ranking's top k) and ``relabel_to`` (the mislabel class; null for removal). A row
+answers a search only when both equal what the search would train now, so after the
+rankings are recomputed (new embeddings, ``rank --overwrite``) or the flip class
+changes, no outcome of another prefix is reused; rows written before these columns
+existed are never reused. Rows of other recipes or other changes are ignored (not
+refused): the log is a cache of facts.
+
+Small data: removing every training image leaves nothing to train on, so a removal
+search's limit is capped at the training-set size - 1 (support.parquet's ``limit``
+records each search's limit; the summary counts the capped searches). Errors a
+retraining input makes deterministically (:class:`attribution.retrain.RetrainInputError`)
+are not retried by the queue, and their message does not suggest more retries.
 
 Outputs:
 - ``EXP/trainings/part-*.parquet``: :data:`TRAININGS_SCHEMA`, one row per training.
@@ -30,8 +41,9 @@ Outputs:
 - ``EXP/support.parquet``: :data:`SUPPORT_SCHEMA`, target_id, method, mode, support (-1 =
   not found within the limit), trainings, seconds (+ status, limit, flip_class,
   reference_trainings, recipe).
-Both tables store the settings they were computed with; a rerun that would replace
-them with other settings is refused (:class:`attribution.artifacts.SettingsChanged`)
+Both tables store the settings they were computed with (support.parquet also a digest
+per method of the rankings it searched); a rerun that would replace them with other
+settings or other rankings is refused (:class:`attribution.artifacts.SettingsChanged`)
 unless the stage is run with ``force=True`` (``--force``).
 """
 
@@ -40,27 +52,31 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from attribution.artifacts import read_dataset, reuse, write_table
+from attribution.artifacts import ids_digest, read_dataset, reuse, write_table
 from attribution.bisection import NOT_FOUND, BisectionSearch, Trial
 from attribution.retraining import (PartLog, Recipe, RetrainPoolSettings, RetrainWorker, read_parts,
                                     recipe_fingerprint, target_arrays, training_arrays)
 from attribution.settings import setting
 from attribution.stages import Flag, Plan, Stage, register_stage
-from attribution.workqueue import WorkFailed, WorkQueue
+from attribution.workqueue import NotRetried, WorkFailed, WorkQueue
 
 MODES = ("removal", "mislabel")
-TRAINING_KEY = ["target_id", "method", "mode", "k", "seed"]
+# A training is identified by its search, (k, seed) AND what it changed: the digest of
+# the ids removed / relabelled and the relabel class (the same (target, method, mode, k)
+# means another training once the rankings or the flip class changed).
+TRAINING_KEY = ["target_id", "method", "mode", "k", "seed", "change", "relabel_to"]
 TRAININGS_SCHEMA = pa.schema([
     ("target_id", pa.int64()), ("method", pa.string()), ("mode", pa.string()), ("k", pa.int32()),
     ("seed", pa.int32()), ("correct", pa.bool_()), ("margin", pa.float32()), ("seconds", pa.float32()),
     ("recipe", pa.string()), ("torch_seed", pa.int64()), ("attempt", pa.int32()), ("worker", pa.string()),
     ("speculative", pa.bool_()), ("finished_at", pa.float64()),
+    ("change", pa.string()), ("relabel_to", pa.int32()),
 ])
 SUPPORT_SCHEMA = pa.schema([
     ("target_id", pa.int64()), ("method", pa.string()), ("mode", pa.string()), ("support", pa.int32()),
@@ -95,7 +111,8 @@ class SupportSettings(RetrainPoolSettings):
     modes: tuple[str, ...] = setting(MODES, choices=MODES, help="removal and/or mislabel")
     methods: tuple[str, ...] = setting((), help="methods whose rankings are searched; empty: every method in "
                                                 "EXP/rankings")
-    top_k: int = setting(1280, low=1, help="the largest k tested, capped by each ranking's length")
+    top_k: int = setting(1280, low=1, help="the largest k tested, capped by each ranking's length (and for "
+                                           "removal at the training-set size - 1)")
     ensemble: int = setting(5, low=1, help="full-data models for the flip class and the target screening")
     early_decision: bool = setting(True, help="skip a step's remaining seeds once its vote is settled")
     speculate: bool = setting(True, help="idle workers train the k a search may need next")
@@ -176,12 +193,24 @@ def select_targets(rankings: dict, methods: Sequence[str], spec, seed: int) -> n
     return np.sort(rng.choice(common, size=int(spec), replace=False))
 
 
+def rankings_digests(rankings: dict, methods: Sequence[str]) -> dict:
+    """A digest per method of its rankings (every target's ranked ids, in order): what
+    support.parquet stores to notice rankings recomputed since it was made."""
+    out = {}
+    for method in methods:
+        parts = [np.concatenate([[target, len(ids)], ids]) for (target, m), ids in sorted(rankings.items())
+                 if m == method]
+        out[method] = ids_digest(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+    return out
+
+
 def read_trainings(folder, recipe: str | None = None):
     """The trainings log as a pandas DataFrame (empty when none), rows of ``recipe`` only
-    (when given), deduplicated by training key (the first row of a key wins)."""
+    (when given), deduplicated by training key (the first row of a key wins). Parts
+    written before a column existed read it as null."""
     import pandas as pd
 
-    table = read_parts(folder)
+    table = read_parts(folder, schema=TRAININGS_SCHEMA)
     if table is None:
         return pd.DataFrame({name: pd.Series(dtype=TRAININGS_SCHEMA.field(name).type.to_pandas_dtype())
                              for name in TRAININGS_SCHEMA.names})
@@ -205,10 +234,35 @@ class SearchTask:
     flip_class: int
     search: BisectionSearch
     seconds: float = 0.0  # summed training seconds of the outcomes it knows
+    _changes: dict = field(default_factory=dict, repr=False)  # k -> change digest (memo)
 
     @property
     def key(self) -> tuple:
         return (self.target_id, self.method, self.mode)
+
+    @property
+    def relabel_to(self) -> int | None:
+        """The class the top-k are relabelled to (None: removal relabels nothing)."""
+        return int(self.flip_class) if self.mode == "mislabel" else None
+
+    def change(self, k: int) -> str:
+        """Digest of the ids the trial at ``k`` removes / relabels. A training depends on
+        this set, not its order, so the sorted ids: a reordered ranking with the same
+        top-k set (e.g. k = a whole class) is rightly answered by the same training."""
+        if k not in self._changes:
+            self._changes[k] = ids_digest(np.sort(self.ranked_ids[:k]))
+        return self._changes[k]
+
+    def answers(self, k: int, change, relabel_to) -> bool:
+        """Whether a logged training (its k, change digest, relabel class) is one this
+        search would train now; a row without a change digest (an older log) never is."""
+        import pandas as pd
+
+        if not isinstance(change, str) or change != self.change(k):
+            return False
+        if pd.isna(relabel_to):  # None / NaN: pandas reads a null of an int column as NaN
+            return self.relabel_to is None
+        return self.relabel_to is not None and int(relabel_to) == self.relabel_to
 
     def item(self, trial: Trial, base_seed: int, speculative: bool = False) -> dict:
         """The queue item of ``trial``: the top-k ranked ids removed, or relabelled to the flip class."""
@@ -217,7 +271,7 @@ class SearchTask:
         changed = self.ranked_ids[:trial.k]
         item = {"kind": "train", "target_id": self.target_id, "method": self.method, "mode": self.mode,
                 "k": trial.k, "seed": trial.seed, "torch_seed": training_seed(base_seed, trial.seed),
-                "speculative": speculative}
+                "speculative": speculative, "change": self.change(trial.k)}
         if self.mode == "removal":
             item["removed_ids"] = changed
         else:
@@ -260,11 +314,13 @@ class SearchScheduler:
 
     def resume(self, rows) -> int:
         """Record known outcomes (rows of the trainings log) before anything is proposed;
-        returns how many belong to these searches."""
+        returns how many belong to these searches (same search, k, seed, change and
+        relabel class: a row trained on another ranked prefix is not an answer)."""
         used = 0
         for row in rows.itertuples(index=False):
             task = self.by_key.get((int(row.target_id), row.method, row.mode))
-            if task is not None:
+            if task is not None and task.answers(int(row.k), getattr(row, "change", None),
+                                                 getattr(row, "relabel_to", None)):
                 task.search.record(Trial(int(row.k), int(row.seed)), bool(row.correct), float(row.margin))
                 task.seconds += float(row.seconds)
                 used += 1
@@ -326,7 +382,7 @@ class SearchScheduler:
                           "seed": trial.seed, "correct": result["correct"], "margin": result["margin"],
                           "seconds": result["seconds"], "recipe": self.recipe, "torch_seed": item["torch_seed"],
                           "attempt": done.attempt, "worker": done.worker, "speculative": item["speculative"],
-                          "finished_at": time.time()})
+                          "finished_at": time.time(), "change": item["change"], "relabel_to": item.get("relabel_to")})
         was_done = task.search.done
         remaining = _bound(task)
         task.search.record(trial, result["correct"], result["margin"])
@@ -381,11 +437,16 @@ class SupportStage(Stage):
                              "training subset than [data] describes (train_per_class, seed); rerun the rank stage "
                              "or fix [data]") from error
         target_ids = select_targets(rankings, methods, s.targets, s.seed)
+        removal_limit = self._removal_limit([rankings[(t, m)] for t in target_ids.tolist() for m in methods],
+                                            len(train_set))
         recipe = recipe_fingerprint(s.recipe().train_config(), data.key(), s.seed, len(train_set))
-        result_settings = self._stored_settings(RESULT_KEYS, recipe)
+        # the table also depends on the rankings searched: recomputed rankings are a change too
+        result_settings = dict(self._stored_settings(RESULT_KEYS, recipe),
+                               rankings=rankings_digests(rankings, methods))
         screening_settings = self._stored_settings(SCREENING_KEYS, recipe)
-        fix = (f"Rerun with --force (force=True) to replace it (finished trainings in "
-               f"{self.exp.path('trainings')} of the same recipe are reused), or use a new --exp.")
+        fix = (f"Rerun with --force to replace it (finished trainings in "
+               f"{self.exp.path('trainings')} of the same recipe and the same ranked prefixes are reused), "
+               "or use a new --exp.")
         reuse(self.exp.path("support"), result_settings, fix, force)  # refuses other settings
         screening = None
         if reuse(self.exp.path("support_targets"), screening_settings, fix, force):
@@ -395,7 +456,8 @@ class SupportStage(Stage):
             if set(target_ids.tolist()) <= set(frame["target_id"].tolist()):
                 screening = frame.set_index("target_id").loc[target_ids].reset_index()
         extra = {"start": start, "rankings": rankings, "methods": methods, "train_set": train_set,
-                 "target_ids": target_ids, "recipe": recipe, "result_settings": result_settings,
+                 "target_ids": target_ids, "removal_limit": removal_limit, "recipe": recipe,
+                 "result_settings": result_settings,
                  "screening_settings": screening_settings, "screening": screening,
                  "known": read_trainings(self.exp.path("trainings"), recipe), "scheduler": None}
         plan = Plan(todo=["ensemble"] if screening is None else [], extra=extra)
@@ -404,6 +466,23 @@ class SupportStage(Stage):
             plan.todo = [t.key for t in scheduler.active]
             plan.reused = [t.key for t in scheduler.tasks if t.search.done]
         return plan
+
+    def _removal_limit(self, searched: list, n_train: int) -> int:
+        """The largest k a removal search may test: below the training-set size, since
+        removing every image leaves nothing to train on (a deterministic failure that no
+        retry can mend). Says so once when support.top_k is capped by it."""
+        s = self.config
+        if "removal" not in s.modes:
+            return int(s.top_k)
+        if n_train < 2:
+            raise ValueError(f"support.modes includes 'removal', which needs at least 2 training images; [data] "
+                             f"gives {n_train}: raise data.train_per_class or set support.modes = ['mislabel']")
+        longest = max(len(ids) for ids in searched)  # the rankings of the selected targets
+        if min(int(s.top_k), longest) >= n_train:
+            print(f"support: removal searches test at most k = {n_train - 1} (support.top_k = {s.top_k}; removing "
+                  f"all {n_train} training images would leave nothing to train on); support.parquet's limit "
+                  "column records each search's limit", file=sys.stderr, flush=True)
+        return min(int(s.top_k), n_train - 1)
 
     def _stored_settings(self, keys, recipe: str) -> dict:
         values = self.config.to_dict()
@@ -421,10 +500,10 @@ class SupportStage(Stage):
                 continue
             for method in extra["methods"]:
                 ranked = extra["rankings"][(target, method)]
-                limit = min(int(s.top_k), len(ranked))
                 for mode in s.modes:
-                    search = BisectionSearch(limit, s.budget, s.seeds, s.first_seeds, s.early_decision, mode,
-                                             key=(target, method, mode))
+                    cap = extra["removal_limit"] if mode == "removal" else int(s.top_k)
+                    search = BisectionSearch(min(cap, len(ranked)), s.budget, s.seeds, s.first_seeds,
+                                             s.early_decision, mode, key=(target, method, mode))
                     tasks.append(SearchTask(target, method, mode, ranked, flip[target], search))
         scheduler = SearchScheduler(tasks, s.seed, extra["recipe"], speculate=s.speculate,
                                     wait_seconds=s.flush_seconds, progress=self.progress)
@@ -448,9 +527,7 @@ class SupportStage(Stage):
                 try:
                     scheduler.run(pool.get())
                 except WorkFailed as error:
-                    raise WorkFailed(f"{error}. Finished trainings are saved in {self.exp.path('trainings')}: fix "
-                                     "the cause and rerun the same command to resume (or raise support.max_retries)"
-                                     ) from error
+                    raise WorkFailed(failure_message(error, self.exp.path("trainings"))) from error
         rows = [{"target_id": task.target_id, "method": task.method, "mode": task.mode,
                  "support": int(task.search.support), "trainings": task.search.trainings, "seconds": task.seconds,
                  "status": "not_found" if task.search.support == NOT_FOUND else "found",
@@ -467,6 +544,9 @@ class SupportStage(Stage):
                 "trainings": int(sum(r["trainings"] for r in rows)),
                 "reference_trainings": int(sum(r["reference_trainings"] for r in rows)),
                 "trained_this_run": len(scheduler.trained),
+                # removal searches whose limit the training-set size capped below support.top_k
+                "limit_capped": int(sum(t.mode == "removal" and t.search.limit < min(int(s.top_k), len(t.ranked_ids))
+                                        for t in scheduler.tasks)),
                 # failed attempts retried; items put back after their worker was lost; workers replaced
                 "retried": queue.retried if queue is not None else 0,
                 "requeued": queue.requeued if queue is not None else 0,
@@ -506,6 +586,28 @@ class SupportStage(Stage):
         summary = dict(result)
         self.exp.record_stage(self.name, settings=self.config.to_dict(), outputs=OUTPUTS, **summary)
         return summary
+
+
+def deterministic(error: BaseException | None) -> bool:
+    """Whether a failure was caused by a :class:`attribution.workqueue.NotRetried` error
+    (directly, as a Ray task error's ``cause``, or anywhere in its chain)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, NotRetried) or isinstance(getattr(error, "cause", None), NotRetried):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def failure_message(error: WorkFailed, trainings) -> str:
+    """What a failed search run tells the user: what is saved, and the fix. A
+    deterministic error fails the same way on every attempt, so more retries are no fix."""
+    if deterministic(error):
+        return (f"{error}. Finished trainings are saved in {trainings}: this input fails the same way on every "
+                "attempt, so fix what the error names and rerun the same command to resume")
+    return (f"{error}. Finished trainings are saved in {trainings}: fix the cause and rerun the same command to "
+            "resume (or raise support.max_retries)")
 
 
 class _LazyQueue:

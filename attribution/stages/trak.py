@@ -28,7 +28,7 @@ Resume: a class whose ranking exists with the same settings is skipped (when all
 the stage does nothing); a class whose score block exists with the same settings only
 has its ranking derived again. Files with other settings are refused with the
 differing keys named, unless the stage runs with ``force=True`` (``attribution trak
---force``).
+--force``): the files it replaces are moved aside and restored if the run fails.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from attribution.artifacts import ids_digest, reuse
+from attribution.artifacts import aside, ids_digest, reuse
 from attribution.settings import Section, setting
 from attribution.stages import Flag, Plan, Stage, register_stage
 
@@ -150,7 +150,21 @@ class TrakStage(Stage):
 
     # ------------------------------------------------------------------ run
     def run(self, plan: Plan) -> dict:
+        # --force replaces files made with other settings: they are moved aside and come
+        # back if the new scores or rankings fail (nothing finished is lost to a failed rerun)
+        with aside(self.replaced(plan)):
+            return self.compute_all(plan)
 
+    def replaced(self, plan: Plan) -> list:
+        """The existing files this run deletes or rewrites (only ``--force`` gets here with any)."""
+        from attribution.ranking import ranking_file_name
+
+        x, rankings = plan.extra, self.exp.path("rankings")
+        paths = list(x["stale"]) + [rankings / ranking_file_name(METHOD, c) for c in x["rerank"] + plan.todo]
+        paths += [x["store"].block_path(METHOD, block_name(c)) for c in plan.todo]
+        return [p for p in paths if p.exists()]
+
+    def compute_all(self, plan: Plan) -> dict:
         x = plan.extra
         for path in x["stale"]:
             path.unlink(missing_ok=True)

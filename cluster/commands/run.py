@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attribution.presets import available_presets, load_ablations, load_preset, parse_override
+from attribution.presets import available_presets, load_ablations, load_preset, parse_overrides
 
 
 def add_run_arguments(parser):
@@ -19,22 +19,40 @@ def add_run_arguments(parser):
                         help="override a preset value, e.g. --set data.train_per_class=100 (repeatable)")
 
 
-def run(args) -> int:
-    import sys
-
-    from attribution.artifacts import SettingsChanged
+def checked_preset(preset_name: str, overrides: list[str], ablation: str | None = None,
+                   stages: str | None = None) -> tuple[dict, list[str] | None]:
+    """Everything a user typed for a run, checked before anything is downloaded, written
+    or submitted (``run`` and ``submit`` share it): the preset and ablation exist, every
+    ``--set`` names a known key with a valid value, every ``--stages`` name is a stage
+    this preset runs. Returns the preset and the selected stage names (None: all)."""
     from attribution.settings import SettingsError
-    from attribution.stages import StageInputMissing
+    from attribution.stages import parse_settings, select_stages
+
+    preset = load_preset(preset_name, parse_overrides(overrides), ablation=ablation)
+    settings = parse_settings(preset)
+    if stages is None:
+        return preset, None
+    selected = select_stages(stages)
+    absent = [name for name in selected if name not in settings.present]
+    if absent:  # the pipeline would skip them: nothing the user asked for is dropped silently
+        what = f"the {preset['name']} preset" + (f" with ablation {ablation!r}" if ablation else "")
+        raise SettingsError(
+            f"--stages {','.join(absent)}: {what} has no [{'], ['.join(absent)}] section, so nothing would run; "
+            f"its stages are {', '.join(settings.present) or '(none)'}: choose among them, or add the section "
+            f"(--set {absent[0]}.KEY=VALUE, or a preset that has it)")
+    return preset, selected
+
+
+def default_exp(preset_name: str, ablation: str | None) -> str:
+    return f"runs/{preset_name}" + (f"-{ablation}" if ablation else "")
+
+
+def run(args) -> int:
     from cluster.pipeline import run_preset
 
-    try:
-        preset = load_preset(args.preset, dict(parse_override(o) for o in args.overrides), ablation=args.ablation)
-        exp_dir = args.exp or f"runs/{preset['name']}" + (f"-{args.ablation}" if args.ablation else "")
-        summaries = run_preset(preset, exp_dir, address=args.address, stages=args.stages,
-                               progress=not args.no_progress)
-    except (SettingsError, SettingsChanged, StageInputMissing, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    preset, stages = checked_preset(args.preset, args.overrides, args.ablation, args.stages)
+    exp_dir = args.exp or default_exp(preset["name"], args.ablation)
+    summaries = run_preset(preset, exp_dir, address=args.address, stages=stages, progress=not args.no_progress)
     print(f"\nexperiment directory: {exp_dir}")
     for name, summary in summaries.items():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))

@@ -9,8 +9,6 @@ quickstart), ``--set section.key=value`` overrides and ``--address``.
 
 from __future__ import annotations
 
-import sys
-
 
 def add_common_arguments(parser, default_preset_help: str) -> None:
     parser.add_argument("exp_positional", nargs="?", default=None, metavar="EXP",
@@ -25,47 +23,53 @@ def add_common_arguments(parser, default_preset_help: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def experiment_location(args) -> str | None:
+    """The experiment a command names, as ``EXP`` or ``--exp EXP`` (both: they must agree)."""
+    positional = getattr(args, "exp_positional", None)
+    if positional and args.exp and positional != args.exp:
+        from attribution.settings import SettingsError
+
+        raise SettingsError(f"two experiments given: EXP {positional!r} and --exp {args.exp!r}; give one of them")
+    return args.exp or positional
+
+
 def stage_command(args) -> int:
-    from attribution.artifacts import SettingsChanged
-    from attribution.experiment import Experiment
-    from attribution.presets import load_preset, parse_override, with_overrides
-    from attribution.settings import SettingsError
-    from attribution.stages import StageInputMissing, parse_settings, stage_class
+    from attribution.presets import load_preset, parse_overrides, with_overrides
+    from attribution.stages import parse_settings, stage_class
+    from cluster.pipeline import pushed
     from cluster.runtime import RayRuntime
     from cluster.storage import ExperimentStorage
 
     cls = stage_class(args.stage)
-    location = args.exp or args.exp_positional
-    try:
-        overrides = dict(parse_override(o) for o in args.overrides)
-        options = {}
-        for flag in cls.flags:
-            value = getattr(args, _dest(flag))
-            if value is None or value is False:
-                continue
-            if flag.setting:
-                overrides[flag.setting] = value
-            else:
-                options[flag.option] = value
-        if args.preset:  # validated before anything is downloaded
-            preset = load_preset(args.preset, overrides)
-            parse_settings(preset)
-        if location is None:
-            name = (preset["name"] if args.preset else "quickstart")
-            location = f"runs/{name}"
-        storage = ExperimentStorage(location, create=False)
-        storage.pull()  # a URI experiment: work on a local copy, resume from what is stored
-        exp = Experiment(storage.local)
-        if not args.preset:
+    location = experiment_location(args)
+    overrides = parse_overrides(args.overrides)
+    options = {}
+    for flag in cls.flags:
+        value = getattr(args, _dest(flag))
+        if value is None or value is False:
+            continue
+        if flag.setting:
+            overrides[flag.setting] = value
+        else:
+            options[flag.option] = value
+    preset = None
+    if args.preset:  # validated before anything is downloaded
+        preset = load_preset(args.preset, overrides)
+        parse_settings(preset)
+    if location is None:
+        location = f"runs/{preset['name'] if preset else 'quickstart'}"
+    storage = ExperimentStorage(location, create=False)
+    storage.pull()  # a URI experiment: work on a local copy, resume from what is stored
+    # Nothing here creates EXP (the stage does, under its lock, and removes a folder it made
+    # when it is refused), so a typo'd path (attribution report /typo) leaves no directory.
+    with pushed(storage):  # what finished reaches the URI, also when the stage fails
+        exp = storage.experiment()  # names the URI, not the staging folder
+        if preset is None:
             recorded = (exp.manifest().get("preset") or {}).get("preset")
             preset = with_overrides(recorded, overrides) if recorded else load_preset("quickstart", overrides)
         settings = parse_settings(preset)  # every section, before anything is written
-        stage = cls(exp.create(), settings, RayRuntime(args.address), progress=not args.no_progress, **options)
+        stage = cls(exp, settings, RayRuntime(args.address), progress=not args.no_progress, **options)
         summary = stage()
-    except (SettingsError, SettingsChanged, StageInputMissing, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    storage.push()
     print(f"{cls.name}: {storage.location}")
     for key, value in summary.items():
         if not isinstance(value, (dict, list)):

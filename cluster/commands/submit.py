@@ -2,38 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 
 from cluster.storage import is_uri
 
 
 def submit_command(args) -> int:
-    from attribution.presets import load_preset, parse_override
-    from attribution.stages import parse_settings, select_stages
     from cluster import submit as jobs
+    from cluster.commands.run import checked_preset, default_exp
 
-    # Fail here, not on the cluster after the upload: unknown preset, bad --set, unknown stage.
-    try:
-        parse_settings(load_preset(args.preset, dict(parse_override(o) for o in args.overrides),
-                                   ablation=args.ablation))
-        if args.stages:
-            select_stages(args.stages)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    exp = args.exp or (f"runs/{os.path.splitext(os.path.basename(args.preset))[0]}"
-                       + (f"-{args.ablation}" if args.ablation else ""))
+    # Fail here, not on the cluster after the upload: the same checks as 'attribution run'.
+    _, stages = checked_preset(args.preset, args.overrides, args.ablation, args.stages)
+    exp = args.exp or default_exp(os.path.splitext(os.path.basename(args.preset))[0], args.ablation)
     if not is_uri(exp):
         # The job runs in a temporary working_dir on the head node: pass an absolute path.
         exp = os.path.abspath(exp)
     try:
-        job_id = jobs.submit(args.address, args.preset, exp, overrides=args.overrides,
-                             stages=args.stages.split(",") if args.stages else None,
+        job_id = jobs.submit(args.address, args.preset, exp, overrides=args.overrides, stages=stages,
                              ship_project=not args.installed, job_id=args.job_id, ablation=args.ablation)
-    except jobs.SubmissionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except jobs.SubmissionError:
+        raise
+    except RuntimeError as error:  # the Jobs API's refusals, e.g. a --job-id already taken
+        raise jobs.SubmissionError(f"the Ray cluster at {args.address} refused the job: "
+                                   f"{str(error).splitlines()[0]}") from error
     print(f"submitted job {job_id} (preset {args.preset}, experiment {exp})")
     print(f"  status: attribution job status {job_id} --address {args.address}")
     print(f"  stop:   attribution job stop {job_id} --address {args.address}")
@@ -44,29 +36,47 @@ def submit_command(args) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def lookup_error(error: Exception, job_id: str, address: str) -> Exception:
+    """The Jobs API's answer about ``job_id`` as the project's error: an unknown id (Ray:
+    "Request failed with status code 404: Job ... does not exist") names the command that
+    lists the jobs; other refusals keep Ray's first line."""
+    from cluster.submit import SubmissionError
+
+    text = str(error)
+    if "does not exist" in text or "status code 404" in text:
+        return SubmissionError(f"no job {job_id!r} on the cluster at {address}: list the submitted jobs with "
+                               f"'attribution job list --address {address}'")
+    return SubmissionError(f"the Ray cluster at {address} could not answer about job {job_id!r}: "
+                           f"{text.splitlines()[0] if text else type(error).__name__}")
+
+
 def job_command(args) -> int:
     from cluster import submit as jobs
 
-    try:
-        client = jobs.job_client(args.address)
-    except jobs.SubmissionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.action != "list" and not args.job_id:
-        print(f"error: 'attribution job {args.action}' needs a JOB_ID (see 'attribution job list')", file=sys.stderr)
-        return 2
+    address = args.address
+    if not address:
+        from attribution.settings import SettingsError
+
+        raise SettingsError(f"'attribution job {args.action}' needs the cluster's dashboard address: "
+                            "--address http://HEAD:8265")
+    client = jobs.job_client(address)
     if args.action == "list":
         for info in client.list_jobs():
             print(f"{info.submission_id}\t{info.status.value}\t{info.entrypoint}")
-    elif args.action == "status":
-        print(client.get_job_status(args.job_id).value)
-    elif args.action == "logs":
-        if args.follow:
-            print(f"job {args.job_id}: {jobs.follow(args.address, args.job_id)}")
-        else:
+        return 0
+    try:
+        if args.action == "status":
+            print(client.get_job_status(args.job_id).value)
+        elif args.action == "logs" and args.follow:
+            print(f"job {args.job_id}: {jobs.follow(address, args.job_id)}")
+        elif args.action == "logs":
             print(client.get_job_logs(args.job_id), end="")
-    elif args.action == "stop":
-        print("stopped" if client.stop_job(args.job_id) else "not running")
+        elif args.action == "stop":
+            print("stopped" if client.stop_job(args.job_id) else "not running")
+    except jobs.SubmissionError:
+        raise
+    except RuntimeError as error:  # the Jobs API's refusals (unknown id, ...) are RuntimeErrors
+        raise lookup_error(error, args.job_id, address) from error
     return 0
 
 
@@ -93,8 +103,17 @@ def register(subparsers):
 
     job = subparsers.add_parser("job", help="list, inspect, follow or stop submitted jobs",
                                 description="Manage Ray jobs submitted with 'attribution submit'.")
-    job.add_argument("action", choices=["list", "status", "logs", "stop"])
-    job.add_argument("job_id", nargs="?", default=None)
-    job.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
-    job.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
-    job.set_defaults(func=job_command)
+    address_help = "Ray dashboard address, e.g. http://HEAD:8265"
+    job.add_argument("--address", default=None, help=address_help)
+    # One parser per action, so each takes its own flags in any order (job logs --follow ID);
+    # --address before or after the action (SUPPRESS keeps the one given before).
+    actions = job.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, help_text in (("list", "the submitted jobs"), ("status", "a job's status"),
+                              ("logs", "a job's logs (--follow: stream until it ends)"), ("stop", "stop a job")):
+        sub = actions.add_parser(action, help=help_text, description=f"attribution job {action}: {help_text}.")
+        if action != "list":
+            sub.add_argument("job_id", metavar="JOB_ID", help="the submission id ('attribution job list')")
+        if action == "logs":
+            sub.add_argument("--follow", action="store_true", help="stream until the job ends")
+        sub.add_argument("--address", default=argparse.SUPPRESS, help=address_help)
+        sub.set_defaults(func=job_command)
