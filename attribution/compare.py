@@ -91,6 +91,38 @@ def plot_comparison(table: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def claims_lines(exp_dirs: Sequence[str | os.PathLike], *, n_boot: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> list[str]:
+    """The claims table (:func:`attribution.metrics.claims_table`) with the first
+    experiment as the base and the others as its ablations (by the ablation each
+    records); no lines when none of the others is an ablation."""
+    runs = {}
+    for exp_dir in exp_dirs[1:]:
+        preset = (Experiment(exp_dir).manifest().get("preset") or {}).get("preset") or {}
+        if preset.get("ablation"):
+            runs[preset["ablation"]] = pd.read_parquet(Experiment(exp_dir).support)
+    if not runs:
+        return []
+    base = Experiment(exp_dirs[0])
+    support = pd.read_parquet(base.support)
+    preset = (base.manifest().get("preset") or {}).get("preset") or {}
+    table = M.claims_table(support, runs, preset=preset.get("name", "PRESET"),
+                           limit=M.support_limit(base.manifest(), support)[0], n_boot=n_boot,
+                           confidence=confidence, seed=seed)
+    compared = table["status"] == "compared"
+    shown = pd.DataFrame({
+        "claim": table["claim"], "mode": table["mode"], "A": table["a"], "B": table["b"],
+        "n": [str(int(n)) if c else "-" for n, c in zip(table["n"], compared)],
+        "B - A (images)": [f"{r.mean:.1f} [{r.low:.1f}, {r.high:.1f}]" if c else "-"
+                           for r, c in zip(table.itertuples(), compared)],
+        "verdict": [r.verdict if c and r.verdict else r.status for r, c in zip(table.itertuples(), compared)],
+        "note": table["note"]})
+    return ["## Claims (the first experiment as the base)", "",
+            f"Paired per-target support differences (not found = limit + 1) with {confidence:.0%} bootstrap "
+            "intervals; the same table as the base's report (attribution/report.py).", "",
+            *markdown_table(shown), ""]
+
+
 def write_comparison(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                      labels: Sequence[str] | None = None, **kwargs) -> tuple[Path, Path]:
     """``out_dir``/comparison.md (+ comparison.csv, comparison.png); returns (md, csv)."""
@@ -113,6 +145,7 @@ def write_comparison(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
         lines += ["", "Note: the experiments tried different largest k (`limit`), so their AUCs are on "
                       "different scales."]
     lines += ["", *markdown_table(shown), "", f"![AUC per experiment]({png.name})", ""]
+    lines += claims_lines(exp_dirs, **{k: v for k, v in kwargs.items() if k in ("n_boot", "confidence", "seed")})
     md_path = out / "comparison.md"
     write_text(md_path, "\n".join(lines))
     return md_path, csv_path

@@ -13,15 +13,22 @@ records (its artifacts were made on other images), runs every selected stage's
 earlier selected stage, data files present), and records the preset in the manifest
 only once the first stage's plan passed its checks (the stage's settings compared with
 what EXP holds), so a run refused at any of these steps leaves manifest.json as it was.
+
+An ablation run has a *base* experiment (``base``: the preset's own experiment): each
+stage first takes over the base's files of that stage when its settings and every
+input are unchanged, and the support stage takes identical trainings from the base's
+log (:mod:`attribution.reuse`), so only what the ablation's change reaches is computed.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
 from attribution.artifacts import SettingsChanged, differences
 from attribution.experiment import Experiment
+from attribution.reuse import BaseReuse
 from attribution.settings import DataSettings
 from attribution.stages import parse_settings, select_stages, stage_class
 
@@ -38,10 +45,13 @@ class Pipeline:
     uploads there)."""
 
     def __init__(self, exp: Experiment, preset: dict, runtime=None, *, progress: bool = True,
-                 after_stage: Callable[[str, dict], None] | None = None):
+                 after_stage: Callable[[str, dict], None] | None = None, base: str | os.PathLike | None = None,
+                 base_required: bool = True):
         self.exp, self.preset, self.runtime, self.progress = exp, preset, runtime, progress
         self.settings = parse_settings(preset)  # every section validated before any work
         self.after_stage = after_stage
+        # the experiment an ablation reuses (base_required False: a default base that may not exist yet)
+        self.base, self.base_required = base, base_required
 
     def stages(self, names=None) -> list[str]:
         """The stages that run: the selected ones (all by default) that the preset has."""
@@ -74,6 +84,8 @@ class Pipeline:
         summaries = {}
         with self.exp.lock():
             self.check_recorded_data()
+            base = (BaseReuse.open(self.exp, self.base, self.settings.data, required=self.base_required)
+                    if self.base is not None else None)
             produced: set[str] = set()
             for stage in stages:  # cheap checks of every stage before the first one starts
                 stage.preflight(produced)
@@ -85,6 +97,8 @@ class Pipeline:
                 if not recorded:
                     self.exp.create()
                     self.exp.record_stage("preset", preset=self.preset)
+                    if base is not None:
+                        base.record()
                     recorded = True
 
             if not stages:
@@ -92,7 +106,8 @@ class Pipeline:
             for stage in stages:
                 print(f"\n=== stage {stage.name} ===", flush=True)
                 start = time.perf_counter()
-                summary = stage(on_planned=record_preset)
+                summary = (base.run_stage(stage, on_planned=record_preset) if base is not None
+                           else stage(on_planned=record_preset))
                 summary["seconds"] = round(time.perf_counter() - start, 1)
                 self.exp.record_stage(f"timing.{stage.name}", seconds=summary["seconds"])
                 summaries[stage.name] = summary

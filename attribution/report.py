@@ -297,12 +297,123 @@ def _seconds(s) -> str:
 # ----------------------------------------------------------------------------- sections
 
 
+def title_section(doc: Document, r: ReportInputs) -> None:
+    """The title and where the report comes from."""
+    doc.heading(1, f"Attribution report: {r.preset.get('name') or r.root.name}")
+    doc.para(f"Experiment `{(r.manifest.get('storage') or {}).get('location') or r.root}`; written "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')} from the stored tables only.")
+
+
+def find_ablation_runs(root: Path, names: Sequence[str]) -> dict[str, Path | None]:
+    """{ablation name: the experiment directory of that ablation of ``root``, or None}.
+
+    An ablation run records its base (manifest ``base.root``); among the experiments
+    beside ``root`` the one whose base is ``root`` is taken, else the default directory
+    ``<root>-<name>`` (``attribution run PRESET --ablation NAME`` writes runs/PRESET-NAME)
+    when it records that ablation."""
+    root = Path(root).resolve()
+    found: dict[str, Path | None] = {name: None for name in names}
+    siblings = sorted(p for p in root.parent.iterdir() if p.is_dir() and (p / "manifest.json").is_file()) \
+        if root.parent.is_dir() else []
+    for folder in siblings:
+        if folder.resolve() == root:
+            continue
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        ablation = ((manifest.get("preset") or {}).get("preset") or {}).get("ablation")
+        if ablation not in found:
+            continue
+        based_here = Path((manifest.get("base") or {}).get("root") or "/nonexistent").resolve() == root
+        if based_here or (found[ablation] is None and folder.name == f"{root.name}-{ablation}"):
+            if based_here or found[ablation] is None:
+                found[ablation] = folder
+    return found
+
+
+def pretrain_warning(manifest: dict, label: str) -> str | None:
+    """A warning line when the run's pretraining was ended by its time cap, not its step count."""
+    section = manifest.get("pretrain") or {}
+    if section.get("stopped_by") != "time_budget":
+        return None
+    settings = section.get("settings") if isinstance(section.get("settings"), dict) else {}
+    cap = section.get("time_budget_s", settings.get("time_budget_s"))
+    wanted = section.get("planned_steps") or section.get("max_steps") or settings.get("max_steps") or None
+    steps = section.get("steps")
+    reach = f" of the {wanted} steps asked for" if wanted else ""
+    return (f"**warning**: the pretraining of {label} was stopped by its time cap (pretrain.time_budget_s = {cap}) "
+            f"after {steps if steps is not None else '?'} steps{reach}: its features depend on the machine's "
+            "speed and may be under-trained; set pretrain.max_steps (and time_budget_s = 0) for a fixed, "
+            "reproducible run")
+
+
+def claims_section(doc: Document, r: ReportInputs) -> None:
+    """The paper's claims, each a paired comparison on the same targets with a verdict."""
+    doc.heading(2, "Claims")
+    preset = r.preset
+    if preset.get("ablation"):
+        base = (r.manifest.get("base") or {}).get("location") or "the preset's own experiment"
+        doc.para(f"This experiment is the `{preset['ablation']}` ablation of `{base}`: the claims table is in "
+                 f"that experiment's report (`attribution report --exp {base}` finds this run).")
+        return
+    name = preset.get("name") or "PRESET"
+    needed = sorted({spec.ablation for spec in M.CLAIMS if spec.ablation})
+    folders = find_ablation_runs(r.root, needed)
+    runs, warnings, sources = {}, [], []
+    own = pretrain_warning(r.manifest, "this experiment")
+    if own:
+        warnings.append(own)
+    for ablation in needed:
+        folder = folders[ablation]
+        if folder is None or not (folder / "support.parquet").exists():
+            runs[ablation] = None
+            continue
+        runs[ablation] = pd.read_parquet(folder / "support.parquet")
+        sources.append(f"`{ablation}`: `{folder}`")
+        try:
+            warning = pretrain_warning(json.loads((folder / "manifest.json").read_text()), f"the {ablation} run")
+        except (OSError, json.JSONDecodeError):
+            warning = None
+        if warning:
+            warnings.append(warning)
+    limit = r.limit[0]
+    table = M.claims_table(r.support, runs, preset=name, limit=limit, **r.boot)
+    level = f"{r.confidence:.0%}"
+    doc.para(f"Each row compares side A (the side the paper says is better) with side B on the targets both "
+             f"searched (n; paired by target id). Difference: mean over those targets of B's support minus A's, "
+             f"in training images (positive: A needs fewer), with a {level} paired bootstrap interval "
+             f"({r.n_boot} resamples of the targets, seed {r.seed}). Verdict at {level}: **supported** when the "
+             f"interval lies above 0, **contradicted** when below 0, else inconclusive (also with fewer than "
+             f"{M.MIN_PAIRED_TARGETS} paired targets).")
+    shown = pd.DataFrame({
+        "claim": table["claim"], "mode": table["mode"], "A": table["a"], "B": table["b"],
+        "n": [_fmt(v) if s == "compared" else "–" for v, s in zip(table["n"], table["status"])],
+        "B − A (images)": [_ci(row.mean, row.low, row.high, 1) if row.status == "compared" else "–"
+                           for row in table.itertuples()],
+        "A smaller / tie / B smaller": [f"{int(row.a_smaller)}/{int(row.ties)}/{int(row.b_smaller)}" if row.status == "compared"
+                                        else "–" for row in table.itertuples()],
+        "verdict": [f"**{row.verdict}** at {level}" if row.status == "compared" and row.verdict else row.status
+                    for row in table.itertuples()],
+        "note": table["note"]})
+    doc.table(shown)
+    doc.bullets(warnings)
+    doc.para("Footnote: a support not found within a search's limit counts as limit + 1, the smallest value "
+             "consistent with not found, so a difference involving one is never overstated and two not-founds "
+             "tie. \"Large supports\": the paired targets whose mean support of the two sides is at least its "
+             "median (the threshold is in the note; the interval is conditional on that subset; selecting on "
+             "one side's supports alone would favour the other by regression to the mean). Feature and candidate rows compare this experiment's ESVM with the ESVM of the ablation "
+             "run on the same target ids"
+             + (f" (runs: {', '.join(sources)})" if sources else "")
+             + f". A row whose run is missing names the command that makes it; then rerun "
+               f"`attribution report --exp {(r.manifest.get('storage') or {}).get('location') or r.root}`.")
+
+
 def header_section(doc: Document, r: ReportInputs) -> None:
-    """Title, what the experiment holds, the stages' settings and wall times."""
+    """What the experiment holds, the stages' settings and wall times."""
     preset, manifest, rankings, support = r.preset, r.manifest, r.rankings, r.support
     data = preset.get("data") or {}
-    doc.heading(1, f"Attribution report: {preset.get('name') or r.root.name}")
-    doc.para(f"Experiment `{(manifest.get('storage') or {}).get('location') or r.root}`; written {time.strftime('%Y-%m-%d %H:%M:%S')} from the stored tables only.")
+    doc.heading(2, "Experiment")
     facts = [f"dataset: **{data.get('dataset', 'unknown')}**"
              + (f" (root `{data['root']}`)" if data.get("root") else ""),
              f"training images per class: {data.get('train_per_class', 'all')}, "
@@ -543,7 +654,7 @@ def image_grid_section(doc: Document, r: ReportInputs) -> None:
 
 # The report's sections, in document order: each is section(doc, inputs).
 SECTIONS: tuple[Callable[[Document, ReportInputs], None], ...] = (
-    header_section, availability_section, support_section, win_rate_section, overlap_section, lds_section,
+    title_section, claims_section, header_section, availability_section, support_section, win_rate_section, overlap_section, lds_section,
     cost_section, retraining_section, image_grid_section,
 )
 
@@ -580,4 +691,5 @@ def write_report(exp_dir: str | os.PathLike, *, n_boot: int = 1000, confidence: 
 
 
 __all__ = ["write_report", "load_tables", "ReportError", "ReportInputs", "Document", "SECTIONS", "command_for",
+           "find_ablation_runs", "pretrain_warning",
            "default_image_loader", "FILES_DIR"]

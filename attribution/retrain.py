@@ -139,9 +139,12 @@ def _resnet18(num_classes, in_channels, image_size):
 MODELS = ("resnet9", "mobilenetv2", "resnet18", "cnn", "mlp")
 
 
-def build_model(name: str, num_classes: int, image_shape: Sequence[int]) -> nn.Module:
-    """A freshly initialised model for images shaped (H, W, C)."""
+def build_model(name: str, num_classes: int, image_shape: Sequence[int], width: int | None = None) -> nn.Module:
+    """A freshly initialised model for images shaped (H, W, C); ``width``: the MLP's
+    hidden units (None: 256)."""
     h, w, c = image_shape
+    if width is not None and name != "mlp":
+        raise RetrainInputError(f"width sets the MLP's hidden units; model {name!r} has no width setting: unset it")
     if name == "resnet9":
         return ResNet9(num_classes, c)
     if name == "mobilenetv2":
@@ -153,7 +156,7 @@ def build_model(name: str, num_classes: int, image_shape: Sequence[int]) -> nn.M
             raise RetrainInputError(f"the small CNN needs square images, got {h}x{w}: use model 'mlp' or 'resnet9'")
         return SmallCNN(num_classes, c, h)
     if name == "mlp":
-        return MLP(num_classes, h * w * c)
+        return MLP(num_classes, h * w * c, 256 if width is None else int(width))
     raise RetrainInputError(f"model must be one of {MODELS}, got {name!r}")
 
 
@@ -167,6 +170,13 @@ class TrainConfig:
     schedule: "triangular" (linear warm-up over ``warmup_epochs`` to ``lr``, then linear
     decay to 0: the reference CIFAR-10 recipe) or "onecycle" (torch's OneCycleLR, peak
     ``lr``). ``augment``: "none" or "flip_translate_cutout" (reference CIFAR-10).
+
+    ``width``: the MLP's hidden units (None: 256).
+    ``engine``: "module" (one ``nn.Module`` at a time, torch.optim) or "stacked" (many
+    models at once in one process with stacked weights: :mod:`attribution.batched_retrain`;
+    MLP only). ``precision``: "fp32", or "bf16" (bfloat16 matrix products, fp32 master
+    weights: on CPU, torch's bf16 autocast in the module engine, bf16 ``bmm`` in the
+    stacked one). Both change a model's bits, so both are in the fingerprint.
     """
 
     model: str = "mlp"
@@ -182,6 +192,9 @@ class TrainConfig:
     augment: str = "none"
     mixed_precision: bool = False
     device: str = "cpu"
+    engine: str = "module"
+    precision: str = "fp32"
+    width: int | None = None
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -192,15 +205,32 @@ class TrainConfig:
             raise ValueError(f"augment must be 'none' or 'flip_translate_cutout', got {self.augment!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.width is not None and (self.model != "mlp" or int(self.width) < 1):
+            raise ValueError(f"width (the MLP's hidden units) must be an integer >= 1 and needs model 'mlp', got "
+                             f"width={self.width!r} with model {self.model!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "stacked":
+            from attribution.batched_retrain import check_stackable
+
+            check_stackable(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """Short hash of everything that changes a trained model (not the device)."""
-        fields = {k: v for k, v in asdict(self).items() if k != "device"}
+        """Short hash of everything that changes a trained model (not the device).
+        ``engine``, ``precision`` and ``width`` count only when not the defaults, so recipes made
+        before they existed (the module engine in fp32) keep their fingerprints."""
+        defaults = {"engine": "module", "precision": "fp32", "width": None}
+        fields = {k: v for k, v in asdict(self).items() if k != "device" and defaults.get(k, object()) != v}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
+
+ENGINES = ("module", "stacked")
+PRECISIONS = ("fp32", "bf16")
 
 RECIPES: dict[str, TrainConfig] = {
     # Reference CIFAR-10 retraining (Singla et al. / the fast ResNet-9 recipe).
@@ -223,6 +253,12 @@ RECIPES: dict[str, TrainConfig] = {
     # CPU: ~0.7 s per model on 5000 Fashion-MNIST images, test accuracy ~0.85.
     "fmnist-mlp": TrainConfig(model="mlp", epochs=10, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
                               weight_decay=5e-4, schedule="onecycle"),
+    # The same MLP recipe trained many models at once (attribution/batched_retrain.py):
+    # fp32, and bf16 matrix products (fp32 master weights). Figures in docs/support.md.
+    "fmnist-mlp-stacked": TrainConfig(model="mlp", epochs=10, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
+                                      weight_decay=5e-4, schedule="onecycle", engine="stacked"),
+    "fmnist-mlp-bf16": TrainConfig(model="mlp", epochs=10, batch_size=128, lr=0.1, momentum=0.9, nesterov=True,
+                                   weight_decay=5e-4, schedule="onecycle", engine="stacked", precision="bf16"),
     # CPU: ~3 s per model, accuracy ~0.87.
     "fmnist-cnn": TrainConfig(model="cnn", epochs=5, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
                               weight_decay=5e-4, schedule="onecycle"),
@@ -351,6 +387,7 @@ class Retrainer:
         self.ids = np.asarray(ids, dtype=np.int64)
         self._order = np.argsort(self.ids, kind="stable")
         self._sorted_ids = self.ids[self._order]
+        self._stacked = None  # the stacked engine's trainer, made on first use
 
     @classmethod
     def from_imageset(cls, config: TrainConfig, data) -> "Retrainer":
@@ -388,15 +425,25 @@ class Retrainer:
         positions = np.flatnonzero(keep)
         return TrainingSet(positions, labels[positions])
 
-    def train(self, removed_ids=(), relabel_ids=(), relabel_to: int | None = None, seed: int = 0) -> nn.Module:
-        """A model trained from scratch on the changed training set; deterministic per ``seed``."""
-        config = self.config
+    def checked_training_set(self, removed_ids=(), relabel_ids=(), relabel_to: int | None = None) -> TrainingSet:
+        """:meth:`training_set`, refusing one with no image left (:class:`EmptyTrainingSet`)."""
         subset = self.training_set(removed_ids, relabel_ids, relabel_to)
         if len(subset.positions) == 0:
             raise EmptyTrainingSet(f"every one of the {len(self.labels)} training images was removed: nothing to "
                                    "train on (a retraining must keep at least one image)")
+        return subset
+
+    def train(self, removed_ids=(), relabel_ids=(), relabel_to: int | None = None, seed: int = 0) -> nn.Module:
+        """A model trained from scratch on the changed training set; deterministic per ``seed``
+        (with the stacked engine: a group of one, the same model it is in any group)."""
+        if self.config.engine == "stacked":
+            from attribution.batched_retrain import Change
+
+            return self.train_many([Change(removed_ids, relabel_ids, relabel_to, seed)])[0]
+        config = self.config
+        subset = self.checked_training_set(removed_ids, relabel_ids, relabel_to)
         torch.manual_seed(seed)
-        model = build_model(config.model, self.num_classes, self.image_shape).to(self.device)
+        model = build_model(config.model, self.num_classes, self.image_shape, config.width).to(self.device)
         generator = torch.Generator().manual_seed(seed)
         positions = torch.from_numpy(subset.positions)
         targets_all = torch.from_numpy(subset.labels).to(self.device)
@@ -411,8 +458,10 @@ class Retrainer:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch))
         else:
             scheduler = None
-        use_amp = config.mixed_precision and self.device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        bf16 = config.precision == "bf16"
+        use_amp = bf16 or (config.mixed_precision and self.device.type == "cuda")
+        amp_dtype = torch.bfloat16 if bf16 else None  # None: the device's autocast default (fp16 on CUDA)
+        scaler = torch.amp.GradScaler("cuda") if use_amp and not bf16 else None
         model.train()
         for _ in range(config.epochs):
             perm = torch.randperm(n, generator=generator)
@@ -422,7 +471,7 @@ class Retrainer:
                 y = targets_all[batch.to(self.device)]
                 if config.augment != "none":
                     x = _augment(x, generator)
-                with torch.autocast(self.device.type, enabled=use_amp):
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=use_amp):
                     loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -436,6 +485,21 @@ class Retrainer:
                     scheduler.step()
         model.eval()
         return model
+
+    def train_many(self, changes: Sequence) -> list[nn.Module]:
+        """One model per change (:class:`attribution.batched_retrain.Change`: removed_ids,
+        relabel_ids, relabel_to, seed), in order. The stacked engine trains them all at
+        once; each is bitwise the model it would be alone or in any other group. Every
+        change is validated before any training. The module engine trains them one by one."""
+        if self.config.engine == "stacked":
+            from attribution.batched_retrain import StackedMLPTrainer
+
+            if self._stacked is None:
+                self._stacked = StackedMLPTrainer(self)
+            return self._stacked.train(changes)
+        for change in changes:  # validate all first: a bad change costs no model
+            self.checked_training_set(change.removed_ids, change.relabel_ids, change.relabel_to)
+        return [self.train(c.removed_ids, c.relabel_ids, c.relabel_to, c.seed) for c in changes]
 
     @torch.no_grad()
     def logits(self, model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray:

@@ -6,7 +6,8 @@
 - :func:`training_arrays`: what a retraining worker needs of the training set.
 - :class:`RetrainWorker`: a pool worker (:class:`attribution.workqueue.QueueWorker`)
   that holds the training set and the target images once and trains one model per
-  item: ``{"kind": "train", ...}`` (a removal / relabel change, evaluated on one
+  item, or a group of items' models at once (:meth:`RetrainWorker.run_group`; the pool
+  key ``models_per_worker``, for recipes with the stacked engine): ``{"kind": "train", ...}`` (a removal / relabel change, evaluated on one
   target), ``{"kind": "ensemble", ...}`` (a full-data model, logits on every target)
   and ``{"kind": "subset", ...}`` (a subset model, margins on every target).
 - :class:`PartLog`: finished units appended to a folder as small Parquet part files
@@ -26,7 +27,7 @@ import pyarrow as pa
 
 from attribution.artifacts import fingerprint, read_dataset, stored_settings, visible_files, write_table
 from attribution.settings import Section, setting
-from attribution.workqueue import PoolRequest, QueueWorker
+from attribution.workqueue import BatchingQueue, ItemFailed, NotRetried, PoolRequest, QueueWorker, WorkQueue
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -40,13 +41,17 @@ class Recipe:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    width: int | None = None
+    engine: str | None = None
+    precision: str | None = None
 
     def train_config(self, device: str | None = None):
         """The :class:`attribution.retrain.TrainConfig`; ``device`` given: as the pool's
         resources decided (not second-guessed here), else CUDA when this process has it."""
         from attribution import retrain
 
-        overrides = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        overrides = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "width": self.width,
+                     "engine": self.engine, "precision": self.precision}
         if device is not None:
             overrides["device"] = device
         return retrain.make_config(self.model, resolve_device=device is None, **overrides)
@@ -63,11 +68,26 @@ class RetrainPoolSettings(Section):
     max_retries: int = setting(2, low=0, help="a failed training is retried this many times")
     flush_every: int = setting(32, low=1, help="finished units per part file of the log ...")
     flush_seconds: float = setting(15.0, low=0.0, low_open=True, help="... or a part at least this often")
+    models_per_worker: int = setting(16, low=1, help="models a worker trains at once (recipes with engine "
+                                                     "'stacked'; the module engine trains one per item); 1: one "
+                                                     "model per queue item")
 
     def pool_request(self, model: str, max_items: int | None = None) -> PoolRequest:
         """The retraining pool these keys describe, for ``model``."""
         return PoolRequest("retrain", actors=self.actors or None, max_items=max_items, model=model,
                            gpus_per_actor=self.gpus_per_actor)
+
+    def group_size(self, config) -> int:
+        """Models per queue item for recipe ``config``: ``models_per_worker`` when its
+        engine trains many at once, else 1 (grouping alone would only delay results)."""
+        return int(self.models_per_worker) if config.engine == "stacked" else 1
+
+    def open_queue(self, runtime, request: PoolRequest, config, train: dict, targets: dict, key=None) -> WorkQueue:
+        """The retraining queue of :class:`RetrainWorker` workers for recipe ``config``:
+        items in groups of :meth:`group_size` (:class:`attribution.workqueue.BatchingQueue`),
+        one Completed per item either way."""
+        return BatchingQueue.open(runtime, self.group_size(config), request, RetrainWorker, config.to_dict(), train,
+                                  targets, depth=self.queue_depth, max_retries=self.max_retries, key=key)
 
 
 def recipe_fingerprint(config, data_key: dict, base_seed: int, n_train: int) -> str:
@@ -117,28 +137,69 @@ class RetrainWorker(QueueWorker):
         self.target_pos = {int(t): i for i, t in enumerate(targets["ids"])}
 
     def __call__(self, job: dict) -> dict:
-        kind = job.get("kind", "train")
-        if kind == "train":
-            return self.train(job)
-        if kind == "ensemble":
-            return {"logits": self.ensemble_member(job["torch_seed"])}
-        if kind == "subset":
-            return self.subset_margins(job)
+        result = self.run_group([job])[0]
+        if isinstance(result, ItemFailed):
+            raise result.error
+        return result
+
+    def run_group(self, jobs) -> list:
+        """Train the models of ``jobs`` together (the recipe's engine: all at once when
+        stacked) and evaluate each as its kind says. A job whose input is wrong (a
+        :class:`attribution.workqueue.NotRetried` error, found before any training)
+        gets an :class:`ItemFailed` and costs no model; the others are trained. Each
+        result's ``seconds`` is the group's time divided by the models it trained."""
+        start = time.perf_counter()
+        results: list = [None] * len(jobs)
+        valid = []
+        for index, job in enumerate(jobs):
+            try:
+                change = self._change(job)
+            except NotRetried as error:
+                results[index] = ItemFailed(error)
+                continue
+            valid.append((index, job, change))
+        models = self.trainer.train_many([change for _, _, change in valid]) if valid else []
+        for (index, job, _), model in zip(valid, models):
+            results[index] = self._evaluate(job, model)
+        seconds = (time.perf_counter() - start) / max(1, len(valid))
+        for index, job, _ in valid:
+            if "seconds" in results[index]:
+                results[index]["seconds"] = seconds
+        return results
+
+    def _change(self, job: dict):
+        """The training a job asks for, checked before any training (wrong kind, unknown
+        target or ids, nothing left to train on: a NotRetried error)."""
+        from attribution.batched_retrain import Change
         from attribution.retrain import RetrainInputError
 
-        raise RetrainInputError(f"unknown retraining job kind {kind!r}: one of 'train', 'ensemble', 'subset'")
+        kind = job.get("kind", "train")
+        if kind not in ("train", "ensemble", "subset"):
+            raise RetrainInputError(f"unknown retraining job kind {kind!r}: one of 'train', 'ensemble', 'subset'")
+        if kind == "train":
+            self._target_position(job["target_id"])
+        change = Change(job.get("removed_ids", ()), job.get("relabel_ids", ()) if kind == "train" else (),
+                        job.get("relabel_to") if kind == "train" else None, int(job["torch_seed"]))
+        self.trainer.checked_training_set(change.removed_ids, change.relabel_ids, change.relabel_to)
+        return change
 
-    def train(self, job: dict) -> dict:
-        """One model with the job's change; correctness and margin on its target."""
-        from attribution import retrain
+    def _evaluate(self, job: dict, model) -> dict:
+        """What a job's kind returns of its trained model."""
+        kind = job.get("kind", "train")
+        if kind == "train":  # correctness and margin on its target
+            from attribution import retrain
 
-        start = time.perf_counter()
-        pos = self._target_position(job["target_id"])  # before training: a wrong item costs no model
-        model = self.trainer.train(job.get("removed_ids", ()), job.get("relabel_ids", ()), job.get("relabel_to"),
-                                   job["torch_seed"])
-        logits = self.trainer.logits(model, self.target_x[pos:pos + 1])[0]
-        correct, margin = retrain.evaluate_target(logits, self.target_labels[pos])
-        return {"correct": correct, "margin": margin, "seconds": time.perf_counter() - start}
+            pos = self._target_position(job["target_id"])
+            logits = self.trainer.logits(model, self.target_x[pos:pos + 1])[0]
+            correct, margin = retrain.evaluate_target(logits, self.target_labels[pos])
+            return {"correct": correct, "margin": margin, "seconds": 0.0}
+        if kind == "ensemble":  # a full-data model's logits on every target
+            return {"logits": self.trainer.logits(model, self.target_x)}
+        from attribution.baselines.datamodels import margins_from_logits
+
+        # a subset model (trained without removed_ids): its margin on every target
+        margins = margins_from_logits(self.trainer.logits(model, self.target_x), self.target_labels)
+        return {"margins": margins.astype(np.float32), "seconds": 0.0}
 
     def _target_position(self, target_id: int) -> int:
         from attribution.retrain import UnknownIds
@@ -151,17 +212,7 @@ class RetrainWorker(QueueWorker):
 
     def ensemble_member(self, torch_seed: int) -> np.ndarray:
         """A full-data model's logits on every target."""
-        model = self.trainer.train(seed=torch_seed)
-        return self.trainer.logits(model, self.target_x)
-
-    def subset_margins(self, job: dict) -> dict:
-        """A model trained without ``removed_ids``: its margin on every target."""
-        from attribution.baselines.datamodels import margins_from_logits
-
-        start = time.perf_counter()
-        model = self.trainer.train(removed_ids=job["removed_ids"], seed=job["torch_seed"])
-        margins = margins_from_logits(self.trainer.logits(model, self.target_x), self.target_labels)
-        return {"margins": margins.astype(np.float32), "seconds": time.perf_counter() - start}
+        return self({"kind": "ensemble", "torch_seed": torch_seed})["logits"]
 
 
 # ----------------------------------------------------------------------------- part log

@@ -26,7 +26,7 @@ import abc
 import collections
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 
@@ -93,10 +93,25 @@ class QueueWorker:
         return self._name
 
     def call(self, item: Any, attempt: int) -> tuple[Any, str]:
+        if isinstance(item, Group):
+            return self.run_group(item.items), self.ready()
         return self(item), self.ready()
 
     def __call__(self, item: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def run_group(self, items: Sequence[Any]) -> list:
+        """One result per item of a :class:`Group` (:class:`BatchingQueue`), or an
+        :class:`ItemFailed` for an item whose :class:`NotRetried` error fails only it.
+        Here one item at a time; workers that do a group's work together override it.
+        Any other error fails the whole group, which the queue then retries."""
+        results = []
+        for item in items:
+            try:
+                results.append(self(item))
+            except NotRetried as error:
+                results.append(ItemFailed(error))
+        return results
 
 
 class WorkQueue(abc.ABC):
@@ -188,6 +203,135 @@ class DelegatingQueue(WorkQueue):
     @property
     def replaced(self) -> int:
         return self.inner.replaced
+
+
+@dataclass(frozen=True)
+class Group:
+    """Several items sent to one worker as one item (:class:`BatchingQueue`)."""
+
+    items: tuple
+
+
+@dataclass(frozen=True)
+class ItemFailed:
+    """The result of a group's item that failed with a :class:`NotRetried` error."""
+
+    error: BaseException
+
+
+class BatchingQueue(DelegatingQueue):
+    """Sends items to the workers of ``inner`` in groups of up to ``group_size``
+    (:class:`Group`; the worker's :meth:`QueueWorker.run_group` does them together, e.g.
+    trains that many models at once) and returns one :class:`Completed` per item.
+
+    Counts are in items: ``free()`` / ``idle()`` are the inner queue's free slots / idle
+    workers times ``group_size``, minus the items buffered; ``pending`` counts buffered,
+    in-flight and unreturned items. Items are grouped by ``kind(item)`` (a group holds
+    one kind). A full group is sent at once; a partial one when :meth:`next` is called
+    and a worker has room (or nothing is in flight), so no item waits for company.
+    A lost worker or a failing group is requeued / retried by the inner queue as any
+    item; an item whose result is :class:`ItemFailed` fails alone (:class:`WorkFailed`
+    from :meth:`next`, after the group's other items were returned)."""
+
+    def __init__(self, inner: WorkQueue, group_size: int, key: Callable[[Any], Hashable] | None = None,
+                 kind: Callable[[Any], Hashable] | None = None):
+        super().__init__(inner)
+        if int(group_size) < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.group_size = int(group_size)
+        self.key = key or (lambda item: item)
+        self.kind = kind or (lambda item: item.get("kind") if isinstance(item, dict) else None)
+        self._buffers: dict = {}            # kind -> items waiting for a group
+        self._in_flight = 0                 # items in groups the inner queue holds
+        self._ready: collections.deque = collections.deque()  # Completed / (item, error) to return
+
+    @classmethod
+    def open(cls, runtime: "Runtime", group_size: int, request: PoolRequest, worker: type[QueueWorker], *args,
+             key: Callable[[Any], Hashable] | None = None, **kwargs) -> WorkQueue:
+        """A queue of ``runtime`` over ``worker`` that sends groups of ``group_size``
+        items (1: the plain queue, one item per call). Workers are capped at the number
+        of groups ``request.max_items`` makes."""
+        if int(group_size) <= 1:
+            return runtime.queue(request, worker, *args, key=key, **kwargs)
+        name = key or (lambda item: item)
+        if request.max_items:
+            request = replace(request, max_items=-(-int(request.max_items) // int(group_size)))
+        inner = runtime.queue(request, worker, *args, key=lambda group: group_name(group, name), **kwargs)
+        return cls(inner, group_size, key=name)
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(items) for items in self._buffers.values())
+
+    def submit(self, item: Any) -> None:
+        items = self._buffers.setdefault(self.kind(item), [])
+        items.append(item)
+        if len(items) >= self.group_size:
+            self._send(self.kind(item))
+
+    def next(self, timeout: float | None = None) -> Completed | None:
+        if not self._ready:
+            self._flush()
+            done = self.inner.next(timeout)
+            if done is None:
+                self._flush()  # the caller may have nothing more to add
+                return None
+            self._unpack(done)
+        entry = self._ready.popleft()
+        if isinstance(entry, Completed):
+            return entry
+        item, error = entry
+        raise WorkFailed(f"{self.key(item)} failed (a deterministic error, not retried): "
+                         f"{type(error).__name__}: {error}") from error
+
+    @property
+    def pending(self) -> int:
+        return self.buffered + self._in_flight + len(self._ready)
+
+    def free(self) -> int:
+        return max(0, self.inner.free() * self.group_size - self.buffered)
+
+    def idle(self) -> int:
+        return max(0, self.inner.idle() * self.group_size - self.buffered)
+
+    def close(self) -> None:
+        self._buffers.clear()
+        self._ready.clear()
+        self._in_flight = 0
+        self.inner.close()
+
+    # ------------------------------------------------------------------ internals
+    def _send(self, kind) -> None:
+        items = self._buffers.pop(kind)
+        self._in_flight += len(items)
+        self.inner.submit(Group(tuple(items)))
+
+    def _flush(self) -> None:
+        """Send partial groups when a worker has room, or when nothing is in flight."""
+        for kind in list(self._buffers):
+            if self.inner.free() > 0 or not self.inner.pending:
+                self._send(kind)
+
+    def _unpack(self, done: Completed) -> None:
+        items, results = done.item.items, done.result
+        if len(results) != len(items):
+            raise WorkFailed(f"{group_name(done.item, self.key)}: the worker returned {len(results)} results for "
+                             f"{len(items)} items")
+        self._in_flight -= len(items)
+        failed = []
+        for item, result in zip(items, results):
+            if isinstance(result, ItemFailed):
+                failed.append((item, result.error))
+            else:
+                self._ready.append(Completed(item, result, done.attempt, done.worker))
+        self._ready.extend(failed)  # the group's good items first: they are kept before the failure ends the run
+
+
+def group_name(group: Group, key: Callable[[Any], Hashable]) -> str:
+    """How errors name a group: its size and its items' names."""
+    names = [str(key(item)) for item in group.items]
+    shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+    return f"group of {len(names)} ({shown})"
 
 
 class Runtime(abc.ABC):

@@ -1,30 +1,66 @@
-"""k-NN feature quality of the backbones on the quickstart subsets.
+"""k-NN feature quality of the backbones on the quickstart subsets, side by side.
 
-    python3 -m benchmarks.feature_quality [--checkpoint PATH | --exp EXP] [--threads 1]
+    python3 -m benchmarks.feature_quality [--exp EXP] [--checkpoint PATH] [--threads 1]
+                                          [--skip pixels,random,moco,supervised,efficientnet]
 
-Embeds the preset's train subset (500/class) and test subset (100/class) of
-Fashion-MNIST with each backbone and prints cosine k-NN (k=20) test accuracy:
+Embeds the preset's train subset (quickstart: 300/class) and test subset (100/class) of
+Fashion-MNIST with each backbone and prints one table of cosine k-NN (k=20) test
+accuracy (train subset -> test subset):
 
-- raw pixels (the floor any embedding should approach or beat);
-- ResNet-18, small stem, random initialisation (seed 0);
-- the MoCo v2 checkpoint: --checkpoint, or EXP/checkpoints/moco.pt made (or reused) by
-  the preset's pretrain stage;
+- raw pixels (the floor a useful embedding must beat);
+- the preset's [pretrain] backbone at random initialisation (torch seed = preset seed);
+- that backbone pretrained with MoCo v2: --checkpoint, or EXP/checkpoints/moco.pt made
+  (or reused) by the preset's pretrain stage;
+- the same backbone trained supervised (cross-entropy with the labels of the same images,
+  same augmentation, order and step count: ``pretrain.objective = "supervised"``), made
+  or reused in EXP-supervised; the paper's supervised-features ablation;
 - EfficientNet-Lite0, ImageNet-supervised, images resized to 224 (slow on CPU).
+
+Each ResNet row is shown with both feature taps of the embed stage (``[embed] features``):
+"pooled" (the global-average-pooled last stage) and "grid" (the third stage pooled to a
+4 x 4 grid; the quickstart's choice).
+
+Pretraining runs with the preset's pretrain.threads; --threads is for feature extraction.
+The trained rows note their steps, seconds and what stopped them (a "time_budget" stop
+means the cap cut the run short of its step count).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
+from dataclasses import replace
 
 import torch
 
-from attribution.backbones import BackboneSpec, load_backbone, spec_from_checkpoint
+from attribution.backbones import FEATURE_TAPS, BackboneSpec, load_backbone, spec_from_checkpoint
 from attribution.data import load_dataset
 from attribution.experiment import Experiment
 from attribution.knn import extract_features, knn_accuracy, pixel_features
 from attribution.presets import load_preset, parse_override
+
+ROWS = ("pixels", "random", "moco", "supervised", "efficientnet")
+
+
+def pretrained(preset: dict, exp: str, objective: str) -> tuple[str, str]:
+    """(checkpoint path, note) of the preset's pretrain stage with ``objective`` in ``exp``."""
+    from attribution.stages import parse_settings, stage_class
+
+    preset = copy.deepcopy(preset)
+    preset["pretrain"]["objective"] = objective
+    summary = stage_class("pretrain")(Experiment(exp).create(), parse_settings(preset))()
+    planned = summary.get("planned_steps")
+    note = (f"{'reused' if summary['reused'] else 'trained'}: {summary.get('steps')}"
+            f"{f'/{planned}' if planned else ''} steps, {summary.get('seconds')} s, "
+            f"stopped by {summary.get('stopped_by')}")
+    return summary["checkpoint"], note
+
+
+def describe(spec: BackboneSpec) -> str:
+    stem = f"small stem /{spec.stem_stride}" if spec.small_stem else "stem 7x7/2"
+    return f"{spec.name} w{spec.width} {stem}"
 
 
 def main(argv=None) -> int:
@@ -32,15 +68,18 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="quickstart")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--checkpoint", default=None, help="MoCo checkpoint to evaluate (default: pretrain one)")
-    parser.add_argument("--exp", default="runs/feature-quality", help="where a pretrained checkpoint is made/reused")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is robust on a shared machine)")
+    parser.add_argument("--exp", default="runs/feature-quality",
+                        help="where the MoCo checkpoint is made/reused (the supervised one: EXP-supervised)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for feature extraction (1 is robust on a shared machine)")
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--skip", default="", help="comma-separated rows to skip: pixels,random,moco,efficientnet")
+    parser.add_argument("--skip", default="", help=f"comma-separated rows to skip: {','.join(ROWS)}")
     parser.add_argument("--fp32", action="store_true", help="extract features in float32 (default: bf16 autocast)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
+    if skip - set(ROWS):
+        parser.error(f"--skip: unknown rows {sorted(skip - set(ROWS))}; known: {','.join(ROWS)}")
 
     preset = load_preset(args.preset, dict(parse_override(o) for o in args.overrides))
     data, seed = preset["data"], int(preset.get("seed", 0))
@@ -49,6 +88,9 @@ def main(argv=None) -> int:
     test = load_dataset(data["dataset"], "test", root=root, n_per_class=data["test_per_class"], seed=seed)
     print(f"{data['dataset']}: {len(train)} train, {len(test)} test images; cosine k-NN, k={args.k}", flush=True)
 
+    from attribution.stages.pretrain import PretrainSettings
+
+    backbone = PretrainSettings.from_preset(preset).backbone_spec(in_channels=train.image_shape[-1])
     results = []
 
     def report(name, train_x, test_x, seconds, note=""):
@@ -56,10 +98,10 @@ def main(argv=None) -> int:
         uniform = knn_accuracy(train_x, train.labels, test_x, test.labels, k=args.k, weighting="uniform")
         results.append({"features": name, "dim": int(train_x.shape[1]), "knn_weighted": weighted,
                         "knn_uniform": uniform, "seconds": round(seconds, 1), "note": note})
-        print(f"  {name:<34} dim {train_x.shape[1]:>5}  k-NN {weighted:.3f} (uniform votes {uniform:.3f})"
-              f"  {seconds:6.1f} s {note}", flush=True)
+        print(f"  {name}: k-NN {weighted:.3f}  {note}", flush=True)
 
     def embed(model):
+        torch.set_num_threads(args.threads)
         start = time.perf_counter()
         bf16 = not args.fp32
         out = (extract_features(model, train, bf16=bf16), extract_features(model, test, bf16=bf16))
@@ -68,23 +110,32 @@ def main(argv=None) -> int:
     if "pixels" not in skip:
         start = time.perf_counter()
         report("raw pixels", pixel_features(train), pixel_features(test), time.perf_counter() - start)
-    if "random" not in skip:
-        torch.manual_seed(0)
-        report("resnet18 small-stem, random init", *embed(load_backbone(
-            BackboneSpec("resnet18", small_stem=True, in_channels=train.image_shape[-1]))))
-    if "moco" not in skip:
-        note = ""
-        path = args.checkpoint
-        if path is None:
-            from attribution.stages import parse_settings, stage_class
+    def both_taps(spec, label, note, seed_first=None):
+        """The backbone's pooled features and its 4 x 4 grid of third-stage features (the
+        embed stage's ``features``), each from the same weights."""
+        for features in FEATURE_TAPS:
+            if seed_first is not None:
+                torch.manual_seed(seed_first)  # the same random weights for both taps
+            report(f"{describe(spec)}, {label}, {features}", *embed(load_backbone(replace(spec, features=features))),
+                   note)
 
-            summary = stage_class("pretrain")(Experiment(args.exp).create(), parse_settings(preset))()
-            path = summary["checkpoint"]
-            note = (f"({'reused' if summary['reused'] else 'trained'}: {summary.get('steps')} steps, "
-                    f"{summary.get('seconds')} s, stopped by {summary.get('stopped_by')})")
-        report("resnet18 small-stem, MoCo v2", *embed(load_backbone(spec_from_checkpoint(path))), note)
+    if "random" not in skip:
+        both_taps(backbone, "random init", f"torch seed {seed}", seed_first=seed)
+    if "moco" not in skip:
+        path, note = (args.checkpoint, "given checkpoint") if args.checkpoint else pretrained(preset, args.exp, "moco")
+        both_taps(spec_from_checkpoint(path), "MoCo v2 (self-supervised)", note)
+    if "supervised" not in skip:
+        path, note = pretrained(preset, f"{args.exp}-supervised", "supervised")
+        both_taps(spec_from_checkpoint(path), "supervised (labels)", note)
     if "efficientnet" not in skip:
-        report("efficientnet_lite0 ImageNet, 224 px", *embed(load_backbone(BackboneSpec("efficientnet_lite0"))))
+        report("efficientnet_lite0, ImageNet-supervised, 224 px",
+               *embed(load_backbone(BackboneSpec("efficientnet_lite0"))))
+
+    print(f"\n| features | dim | k-NN-{args.k} (exp votes) | k-NN-{args.k} (uniform) | embed s | note |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for row in results:
+        print(f"| {row['features']} | {row['dim']} | {row['knn_weighted']:.3f} | {row['knn_uniform']:.3f} "
+              f"| {row['seconds']:.1f} | {row['note']} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

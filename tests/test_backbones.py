@@ -150,6 +150,92 @@ def test_project_checkpoint_round_trip(tmp_path):
     assert loaded.spec.in_channels == 1 and loaded.spec.small_stem
 
 
+def test_narrow_resnet_is_torchvision_shaped_and_round_trips(tmp_path):
+    """A width-16 ResNet-18 with a stride-2 small stem: 128-d features, torchvision key
+    names, its architecture stored in the checkpoint and rebuilt from the file alone."""
+    torch.manual_seed(0)
+    spec = BackboneSpec("resnet18", small_stem=True, in_channels=1, width=16, stem_stride=2)
+    model = load_backbone(spec)
+    assert model.dim == spec.dim == 128
+    state = model.trunk.state_dict()
+    assert tuple(state["conv1.weight"].shape) == (16, 1, 3, 3)
+    assert tuple(state["layer4.1.conv2.weight"].shape) == (128, 128, 3, 3)
+    assert set(state) == set(trunk_state(source_resnet(small_stem=True, in_channels=1)))  # same names
+    x = inputs(channels=1, size=28)
+    assert features(model, x).shape == (4, 128)
+    assert model.trunk.conv1.stride == (2, 2)
+    path = save_backbone_checkpoint(model, tmp_path / "narrow.pt")
+    rebuilt = spec_from_checkpoint(path)
+    assert (rebuilt.width, rebuilt.stem_stride, rebuilt.small_stem) == (16, 2, True)
+    torch.testing.assert_close(features(load_backbone(rebuilt), x), features(model, x), rtol=0, atol=0)
+    # a plain state dict of a narrow network: the width is read from the first conv
+    torch.save(state, tmp_path / "narrow-torchvision.pt")
+    assert spec_from_checkpoint(tmp_path / "narrow-torchvision.pt").width == 16
+    assert BackboneSpec("resnet50", width=16).dim == 512
+
+
+def test_spec_records_of_default_width_are_unchanged():
+    """Fields added later are left out of the record at their defaults, so stored records
+    of existing backbones (embedding manifests, checkpoints) keep comparing equal."""
+    old = {"name": "resnet18", "small_stem": True, "in_channels": 1, "checkpoint": None, "image_size": None,
+           "normalize": "dataset"}
+    assert BackboneSpec("resnet18", small_stem=True, in_channels=1).to_dict() == old
+    assert BackboneSpec.from_dict(old) == BackboneSpec("resnet18", small_stem=True, in_channels=1, width=64)
+    assert BackboneSpec("resnet18", small_stem=True, width=32).to_dict()["width"] == 32
+    # the default width builds torchvision's own network: the same random init as before
+    torch.manual_seed(3)
+    ours = load_backbone(BackboneSpec("resnet18")).trunk.state_dict()
+    torch.manual_seed(3)
+    theirs = torchvision.models.resnet18(weights=None).state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"width": 2}, "width must be an int >= 4"),
+    ({"stem_stride": 3, "small_stem": True}, "stem_stride must be 1 or 2"),
+    ({"stem_stride": 2}, "set small_stem=True"),
+    ({"name": "efficientnet_lite0", "width": 32}, "width is only for ResNets"),
+    ({"features": "avg"}, "features must be one of"),
+    ({"name": "efficientnet_lite0", "features": "grid"}, "has only 'pooled' features"),
+])
+def test_bad_architecture_fields_are_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        BackboneSpec(**fields)
+
+
+def test_grid_features_are_the_third_stage_pooled_to_4x4():
+    """features = "grid": the same weights, the third stage's map average-pooled to 4 x 4
+    and flattened (checked against the trunk's own layers); the record keeps "pooled" out."""
+    spec = BackboneSpec("resnet18", small_stem=True, in_channels=1, width=16, stem_stride=2)
+    torch.manual_seed(0)
+    pooled = load_backbone(spec)
+    grid = load_backbone(BackboneSpec(**{**spec.__dict__, "features": "grid"}))
+    grid.trunk.load_state_dict(pooled.trunk.state_dict())
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        t = pooled.trunk
+        third = t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x)))))))  # 14 -> 7 -> 4 px
+        expected = nn.functional.adaptive_avg_pool2d(third, 4).flatten(1)
+        out = grid(x)
+    assert grid.dim == 64 * 16 == out.shape[1] and torch.allclose(out, expected)
+    assert not torch.allclose(out[:, :pooled.dim], pooled(x))  # not the pooled features
+    assert "features" not in spec.to_dict() and grid.spec.to_dict()["features"] == "grid"
+
+
+def test_a_checkpoint_is_read_out_with_the_requested_features(tmp_path):
+    """A project checkpoint brings its architecture, but the read-out (pooled or grid)
+    is the caller's: embedding a pretrained checkpoint with features = "grid" gives grid
+    features of the checkpoint's weights."""
+    spec = BackboneSpec("resnet18", small_stem=True, in_channels=1, width=16, stem_stride=2)
+    torch.manual_seed(1)
+    path = save_backbone_checkpoint(load_backbone(spec), tmp_path / "moco.pt")
+    stored = spec_from_checkpoint(path)
+    pooled = load_backbone(stored)
+    grid = load_backbone(BackboneSpec(**{**stored.__dict__, "features": "grid"}))
+    assert (pooled.dim, grid.dim) == (128, 1024) and grid.spec.features == "grid"
+    assert all(torch.equal(a, b) for a, b in zip(pooled.trunk.state_dict().values(), grid.trunk.state_dict().values()))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

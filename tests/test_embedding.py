@@ -317,6 +317,27 @@ def test_stage_with_checkpoint(ray_runtime, tmp_path):
     assert _mtimes(exp.path("embeddings")) == before
 
 
+def test_narrow_random_init_backbone(tmp_path):
+    """embed.width / stem_stride build the random-init ablation's network with the preset's
+    narrow architecture (in process); an efficientnet_lite0 keeps its own architecture."""
+    exp = Experiment(tmp_path / "exp").create()
+    stage = embed_stage(exp, InProcessRuntime(), small_stem=True, width=16, stem_stride=2)
+    train = TRAIN.load()
+    spec = stage.backbone_spec(train)
+    assert (spec.width, spec.stem_stride, spec.small_stem, spec.dim) == (16, 2, True, 128)
+    stage()
+    record = exp.manifest()["embed"]
+    assert record["dim"] == 128 and record["backbone"]["width"] == 16
+    torch.manual_seed(0)  # embed.seed = the preset's seed
+    expected = emb.extract(load_backbone(spec), train, np.arange(len(train)), 8)
+    np.testing.assert_allclose(emb.load_embeddings(exp, "train").features, expected, rtol=1e-4, atol=1e-5)
+    lite = embed_stage(exp, InProcessRuntime(), backbone="efficientnet_lite0", small_stem=False, in_channels=3,
+                       width=16).backbone_spec(train)
+    assert (lite.name, lite.width, lite.stem_stride) == ("efficientnet_lite0", 64, 1)
+    with pytest.raises(SettingsError, match="embed.stem_stride is the small stem's stride"):
+        parse_settings(preset(stem_stride=2))  # the test preset sets small_stem = false
+
+
 def test_worker_gets_checkpoint_bytes(tmp_path, monkeypatch):
     """A node without the driver's file rebuilds it from the shipped bytes (a
     content-addressed copy in the cache); without bytes, a different file is refused."""

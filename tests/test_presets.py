@@ -43,6 +43,12 @@ def test_every_ablation_applies_to_every_preset(preset_name):
     base = load_preset(preset_name)
     for name, ablation in load_ablations().items():
         assert ablation.get("description"), f"ablation {name} needs a description"
+        kept = set(base) - set(ablation.get("drop", []))
+        absent = sorted({dotted.split(".")[0] for dotted in ablation.get("set", {})} - kept)
+        if absent:  # e.g. supervised-features on a preset without [pretrain]: refused, never half-applied
+            with pytest.raises(ValueError, match=rf"has no \[{absent[0]}\] section: this ablation does not apply"):
+                load_preset(preset_name, ablation=name)
+            continue
         preset = load_preset(preset_name, {"support.targets": 3}, ablation=name)
         assert preset["ablation"] == name and preset["support"]["targets"] == 3
         for stage in ablation.get("drop", []):
@@ -53,14 +59,35 @@ def test_every_ablation_applies_to_every_preset(preset_name):
         parse_settings(preset)
     assert "ablation" not in base and load_preset(preset_name) == base  # the preset itself is untouched
     assert apply_ablation(base, "all-class")["rank"]["same_class"] is False
+    assert apply_ablation(base, "all-class")["support"]["methods"] == ["esvm"]  # searches only its claims row's
     assert base["rank"].get("same_class", True) is True
     with pytest.raises(ValueError, match="unknown ablation 'nope'; choose one of"):
         load_preset(preset_name, ablation="nope")
 
 
-def test_run_takes_an_ablation():
+def test_run_takes_an_ablation_and_its_base():
+    from cluster.commands.run import ablation_base
+
     args = build_parser().parse_args(["run", "quickstart", "--ablation", "supervised-features"])
-    assert args.ablation == "supervised-features"
+    assert args.ablation == "supervised-features" and args.base is None
+    assert ablation_base("quickstart", "supervised-features", None) == ("runs/quickstart", False)  # if it exists
+    assert ablation_base("quickstart", "all-class", "runs/mine") == ("runs/mine", True)  # must exist
+    assert ablation_base("quickstart", None, None) == (None, False)
+    with pytest.raises(ValueError, match="--base is for ablation runs"):
+        ablation_base("quickstart", None, "runs/mine")
+
+
+def test_the_claims_ablations_search_only_esvm_and_leave_the_baselines_to_the_base():
+    quickstart = load_preset("quickstart")
+    for name in ("supervised-features", "random-features", "all-class"):
+        preset = load_preset("quickstart", ablation=name)
+        settings = parse_settings(preset)
+        assert settings["rank"].methods == ("esvm",) and settings["support"].methods == ("esvm",)
+        assert "trak" not in preset and "datamodels" not in preset
+        assert settings["support"].targets == parse_settings(quickstart)["support"].targets  # the same targets
+    assert parse_settings(load_preset("quickstart", ablation="supervised-features"))["pretrain"].objective == \
+        "supervised"
+    assert "pretrain" not in load_preset("quickstart", ablation="random-features")
 
 
 def _fake_experiment(root, supports, limit=100, ablation=None):
@@ -87,6 +114,11 @@ def test_compare_matches_the_per_experiment_summary(tmp_path):
     assert esvm[("quickstart", "esvm")] > esvm[("quickstart [all-class]", "esvm")]  # smaller supports win
     md, csv = write_comparison([base.root, ablated.root], tmp_path / "cmp", n_boot=200)
     assert "quickstart [all-class]" in md.read_text() and (tmp_path / "cmp" / "comparison.png").stat().st_size > 0
+    # the claims table, the first experiment as the base: same-class (5, 40, nf) vs all-class (50, nf, nf)
+    claims = next(line for line in md.read_text().splitlines()
+                  if line.startswith("| same-class candidates beat all-class candidates (ESVM) | removal |"))
+    assert "| 3 | 35.3 [" in claims  # (45 + 61 + 0) / 3 with not found = 101
+    assert "supervised-features" in md.read_text() and "not run: attribution run quickstart --ablation" in md.read_text()
     assert len(pd.read_csv(csv)) == 3
     with pytest.raises(FileNotFoundError, match="run the support stage"):
         compare_experiments([tmp_path / "empty"])

@@ -13,10 +13,10 @@ from attribution.backbones import BackboneSpec, checkpoint_metadata, load_backbo
 from attribution.data import load_dataset
 from attribution.experiment import Experiment
 from attribution.knn import knn_accuracy, knn_predict
-from attribution.pretrain import MocoPretrainer, info_nce, moco_augment
+from attribution.pretrain import MocoPretrainer, SupervisedPretrainer, info_nce, moco_augment
 from attribution.settings import SettingsError
 from attribution.stages import parse_settings, stage_class
-from attribution.stages.pretrain import PretrainStage
+from attribution.stages.pretrain import PretrainSettings, PretrainStage
 
 torch.set_num_threads(1)  # one thread: robust on a shared machine (two spin-wait under load)
 # The standard 7x7/2 stem + max-pool on 28 px leaves 7x7 maps: ~15x cheaper than the small
@@ -205,6 +205,94 @@ def test_settings_are_validated_with_the_key_named(tmp_path):
         parse_settings(tiny_preset(backbone="efficientnet_lite0"))
     settings = parse_settings({"name": "p", "seed": 7, "pretrain": {"time_budget_s": 60}})["pretrain"]
     assert settings.seed == 7 and settings.time_budget_s == 60.0 and settings.batch_size == 128
+
+
+NARROW = BackboneSpec("resnet18", small_stem=True, in_channels=1, width=16, stem_stride=2)  # cheap, 128-d
+
+
+def leave_one_out_1nn(model, images):
+    """1-NN accuracy of each image among the others (cosine): how well features cluster by class."""
+    with torch.no_grad():
+        x = model.preprocess(images.images(np.arange(len(images))), images.mean, images.std)
+        f = torch.nn.functional.normalize(model(x), dim=1)
+    similarity = f @ f.T
+    similarity.fill_diagonal_(-2.0)
+    return float(np.mean(images.labels[similarity.argmax(1).numpy()] == images.labels))
+
+
+def test_supervised_pretraining_learns_the_labels(images):
+    """Cross-entropy on the labels with the shared loop: seeded, and it fits 40 real images."""
+    fit = dict(batch_size=20, max_steps=25, lr=0.05, warmup_steps=0, min_crop_scale=1.0, flip_p=0.0, jitter_p=0.0,
+               progress=False, num_threads=1)
+    first = SupervisedPretrainer(NARROW, seed=3, **fit).fit(images)
+    second = SupervisedPretrainer(NARROW, seed=3, **fit).fit(images)
+    assert first.summary()["method"] == "supervised" and first.stopped_by_ == "max_steps"
+    assert first.loss_history_ == second.loss_history_
+    assert all(torch.equal(a, b) for a, b in zip(trunk_weights(first).values(), trunk_weights(second).values()))
+    assert np.mean(first.loss_history_[-5:]) < 0.2 * np.mean(first.loss_history_[:5])
+    # the backbone's features now group the classes it was trained on (random init: ~0.3)
+    torch.manual_seed(3)
+    untrained = leave_one_out_1nn(load_backbone(NARROW), images)
+    assert leave_one_out_1nn(first.encoder_, images) >= max(0.8, untrained + 0.3)
+
+
+def test_the_time_cap_is_reported_not_silent(images):
+    """A run the cap stops before its step count says so: stopped_by, steps < planned_steps."""
+    capped = MocoPretrainer(seed=0, **{**TINY, "max_steps": 100_000, "time_budget_s": 0.5}).fit(images)
+    summary = capped.summary()
+    assert summary["stopped_by"] == "time_budget" and summary["planned_steps"] == 100_000
+    assert 1 <= summary["steps"] < 100_000
+
+
+def test_supervised_objective_in_the_stage(tmp_path):
+    exp = Experiment(tmp_path / "exp").create()
+    summary = pretrain(exp, objective="supervised", width=16, stem_stride=2, small_stem=True)
+    assert summary["objective"] == "supervised" and summary["method"] == "supervised"
+    assert summary["steps"] == summary["planned_steps"] == 2 and summary["stopped_by"] == "max_steps"
+    stored = checkpoint_metadata(exp.path("checkpoint"))["pretrain"]
+    assert stored["method"] == "supervised" and stored["settings"]["objective"] == "supervised"
+    assert "queue_size" not in stored["settings"]  # MoCo-only keys do not key a supervised run
+    assert stored["settings"]["backbone"] == {"name": "resnet18", "small_stem": True, "in_channels": 1,
+                                              "width": 16, "stem_stride": 2}
+    spec = spec_from_checkpoint(exp.path("checkpoint"))
+    assert (spec.width, spec.stem_stride) == (16, 2)
+    assert exp.manifest()["pretrain"]["objective"] == "supervised"
+    # another objective is another checkpoint: refused unless forced
+    with pytest.raises(SettingsChanged, match="objective: 'supervised' -> '.unset.'"):
+        pretrain(exp, width=16, stem_stride=2, small_stem=True)
+
+
+def test_the_stage_warns_when_the_cap_cuts_the_run(tmp_path):
+    exp = Experiment(tmp_path / "exp").create()
+    with pytest.warns(UserWarning, match=r"time_budget_s = 0.5 s stopped the run after \d+ of its 100000 steps"):
+        summary = pretrain(exp, max_steps=100_000, time_budget_s=0.5)
+    assert summary["stopped_by"] == "time_budget" and summary["steps"] < summary["planned_steps"] == 100_000
+    assert exp.manifest()["pretrain"]["stopped_by"] == "time_budget"
+    reused = pretrain(exp, max_steps=100_000, time_budget_s=0.5)
+    assert reused["reused"] and reused["stopped_by"] == "time_budget" and reused["planned_steps"] == 100_000
+
+
+def test_default_settings_key_the_checkpoint_as_before():
+    """Keys added later stay out of the stored settings at the values older checkpoints were
+    trained with, so an older checkpoint with the same settings is still reused."""
+    before = {"backbone", "data", "batch_size", "queue_size", "temperature", "momentum", "lr", "weight_decay",
+              "epochs", "max_steps", "time_budget_s", "hidden_dim", "proj_dim", "min_crop_scale",
+              "shuffle_bn_splits", "warmup_steps", "precision", "seed"}
+    sections = parse_settings(tiny_preset())
+    settings = sections["pretrain"].checkpoint_settings(sections.data, in_channels=1)
+    assert set(settings) == before and set(settings["backbone"]) == {"name", "small_stem", "in_channels"}
+    flipless = parse_settings(tiny_preset(flip_p=0.0))["pretrain"].checkpoint_settings(sections.data, 1)
+    assert flipless["flip_p"] == 0.0
+
+
+def test_objective_is_validated():
+    with pytest.raises(SettingsError, match=r"pretrain.objective must be one of \['moco', 'supervised'\], got 'simclr'"):
+        parse_settings(tiny_preset(objective="simclr"))
+    with pytest.raises(SettingsError, match="pretrain.stem_stride is the small stem's stride"):
+        parse_settings(tiny_preset(stem_stride=2, small_stem=False))
+    with pytest.raises(SettingsError, match="pretrain.width must be"):
+        parse_settings(tiny_preset(width=2))
+    assert isinstance(parse_settings(tiny_preset(objective="supervised"))["pretrain"], PretrainSettings)
 
 
 def test_knn_on_separable_features():

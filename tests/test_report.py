@@ -127,7 +127,8 @@ def test_full_report_files_tables_and_plots(tmp_path):
     # the stages' settings, for every stage of the registry that recorded some
     assert "- rank settings: top_k=12" in md and "- trak settings: proj_dim=64, seed=0" in md
     headings = [line for line in md.splitlines() if line.startswith("#")]
-    assert headings == ["# Attribution report: tiny", "## Not yet available", "## Data support",
+    assert headings == ["# Attribution report: tiny", "## Claims", "## Experiment", "## Not yet available",
+                        "## Data support",
                         "### Per-target comparisons", "## Overlap between methods",
                         "## Linear datamodeling score (LDS)", "## Cost of producing the attributions",
                         "## Retraining log", "## Top-ranked training images"]

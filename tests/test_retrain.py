@@ -255,3 +255,20 @@ def test_deterministic_input_errors_are_not_retried_errors(small):
     with pytest.raises(KeyError) as error:
         trainer.positions_of([10**9])
     assert str(error.value).startswith("ids not in the training set")
+
+
+def test_mlp_width_is_a_recipe_field():
+    """width sets the MLP's hidden units, changes the fingerprint only when set, and is
+    refused for models without one."""
+    narrow = retrain.make_config("mlp", epochs=1, width=32, device="cpu")
+    model = retrain.build_model("mlp", 10, (28, 28, 1), narrow.width)
+    assert model.net[1].out_features == 32 and model.net[3].in_features == 32
+    assert retrain.build_model("mlp", 10, (28, 28, 1)).net[1].out_features == 256
+    default = retrain.make_config("mlp", epochs=1, device="cpu")
+    assert default.fingerprint() != narrow.fingerprint()
+    assert default.fingerprint() == retrain.make_config("mlp", epochs=1, width=None, device="cpu").fingerprint()
+    with pytest.raises(ValueError, match="width"):
+        retrain.make_config("cnn", width=32, device="cpu")
+    images = np.random.default_rng(0).integers(0, 255, (40, 28, 28, 1), dtype=np.uint8)
+    trainer = retrain.Retrainer(narrow, images, np.arange(40) % 10, np.arange(40), (0.5,), (0.5,))
+    assert trainer.train(seed=1).net[1].out_features == 32

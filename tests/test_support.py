@@ -19,7 +19,8 @@ from attribution.retraining import PartLog, RetrainWorker, target_arrays, traini
 from attribution.settings import SettingsError
 from attribution.stages import StageInputMissing, parse_settings, stage_class
 from attribution.stages.support import (TRAINING_KEY, TRAININGS_SCHEMA, SearchScheduler, SearchTask, SupportStage,
-                                        deterministic, failure_message, item_name, read_trainings)
+                                        deterministic, failure_message, item_name, read_trainings,
+                                        searched_targets)
 from attribution.workqueue import InProcessRuntime, QueueWorker, WorkFailed
 from tests.faults import FaultyRuntime, SimulatedCrash
 
@@ -486,3 +487,20 @@ def test_inputs_are_checked_before_any_training(setting, tmp_path):
     with pytest.raises(ValueError, match=r"methods \['esvm'\] are not in"):
         support_stage(exp, preset(methods=["esvm"]), None)()
     assert not exp.trainings.exists() and not exp.support.exists()
+
+
+def test_searched_targets_meet_the_count_in_a_seeded_order():
+    """A number of targets is met from the correctly classified ones (the others are
+    skipped, not counted), the draw is seeded, and asking for more only adds targets."""
+    ids = np.arange(100, 130)
+    status = np.where(ids % 3 == 0, "misclassified", np.where(ids % 7 == 0, "unstable", "searched"))
+    screening = pd.DataFrame({"target_id": ids, "status": status})
+    eligible = set(ids[status == "searched"].tolist())
+    ten = searched_targets(screening, 10, seed=3)
+    assert len(ten) == 10 and set(ten.tolist()) <= eligible and list(ten) == sorted(ten)
+    assert np.array_equal(ten, searched_targets(screening, 10, seed=3))
+    assert not np.array_equal(ten, searched_targets(screening, 10, seed=4))
+    assert set(ten.tolist()) <= set(searched_targets(screening, 15, seed=3).tolist())
+    assert set(searched_targets(screening, 1000, seed=3).tolist()) == eligible  # fewer exist: all of them
+    listed = searched_targets(screening, (101, 102, 105), seed=3)  # a list: the correctly classified ones
+    assert listed.tolist() == [101]  # 102 and 105 are misclassified

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from attribution.workqueue import InProcessRuntime, NotRetried, PoolRequest, QueueWorker, WorkFailed
+from attribution.workqueue import (BatchingQueue, InProcessRuntime, NotRetried, PoolRequest, QueueWorker,
+                                  WorkFailed)
 from cluster.resources import NodeResources, PoolTooLarge, pool_shape
 from faults import pickle_by_value
 
@@ -99,6 +100,66 @@ def test_ray_queue_fails_a_not_retried_error_at_once(ray_runtime, tmp_path):
                 queue.next()
         assert isinstance(error.value.__cause__, NotRetried)  # Ray's task error is also the worker's error
         assert queue.retried == 0 and attempts.read_text().splitlines() == ["bad"]
+    finally:
+        queue.close()
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class GroupSizes(QueueWorker):
+    """Answers each item of a group with (item, size of its group, kinds in its group)."""
+
+    def __call__(self, item):
+        return self.run_group([item])[0]
+
+    def run_group(self, items):
+        kinds = sorted({item["kind"] for item in items})
+        return [(item["n"], len(items), kinds) for item in items]
+
+
+def test_batching_queue_sends_groups_of_one_kind_and_returns_one_result_per_item():
+    queue = BatchingQueue.open(InProcessRuntime(), 3, PoolRequest("rank"), GroupSizes)
+    assert isinstance(queue, BatchingQueue) and queue.free() == 3 and queue.idle() == 3
+    queue.submit({"kind": "a", "n": 0})
+    queue.submit({"kind": "b", "n": 1})
+    assert queue.pending == 2 and queue.free() == 1  # buffered items take room
+    queue.submit({"kind": "a", "n": 2})
+    queue.submit({"kind": "a", "n": 3})  # a full group of kind a goes to the worker
+    assert queue.pending == 4 and queue.buffered == 1
+    results = {}
+    while queue.pending:
+        done = queue.next()
+        results[done.result[0]] = done.result[1:]
+    assert results == {0: (3, ["a"]), 2: (3, ["a"]), 3: (3, ["a"]), 1: (1, ["b"])}  # the partial group flushed
+    assert queue.next() is None and queue.pending == 0
+    # a group size of 1 is the plain queue (today's behaviour)
+    assert not isinstance(BatchingQueue.open(InProcessRuntime(), 1, PoolRequest("rank"), GroupSizes), BatchingQueue)
+
+
+def test_batching_queue_fails_only_the_item_with_a_not_retried_error():
+    queue = BatchingQueue.open(InProcessRuntime(), 4, PoolRequest("rank"), Doubler, 1, max_retries=3,
+                               key=lambda item: f"item {item!r}")
+    for item in (1, "bad", 2, 3):
+        queue.submit(item)
+    returned = [queue.next().result for _ in range(3)]  # the group's good items come first
+    assert sorted(returned) == [3, 5, 7]
+    with pytest.raises(WorkFailed, match="item 'bad' failed \\(a deterministic error, not retried\\): "
+                                         "BadInput: item 'bad' is malformed") as error:
+        queue.next()
+    assert isinstance(error.value.__cause__, NotRetried) and queue.retried == 0 and queue.pending == 0
+
+
+def test_batching_queue_on_ray_requeues_the_group_of_a_lost_worker(ray_runtime, tmp_path):
+    queue = BatchingQueue.open(ray_runtime, 3, PoolRequest("rank", actors=2, max_items=7), Doubler, 10,
+                               str(tmp_path / "marker"), depth=1)
+    try:
+        assert queue.size == 2  # 7 items in groups of 3: at most 3 workers asked for, 2 requested
+        results = {done.item: done for done in queue.map([1, 2, "die", 3, 4, 5, 6])}
+        assert {k: v.result for k, v in results.items()} == {1: 12, 2: 14, "die": "die", 3: 16, 4: 18, 5: 20,
+                                                              6: 22}
+        assert (tmp_path / "marker").exists() and queue.requeued >= 1 and queue.replaced == 1
+        assert results["die"].attempt == 0
     finally:
         queue.close()
 

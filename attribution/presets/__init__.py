@@ -38,6 +38,11 @@ def apply_ablation(preset: dict[str, Any], name: str) -> dict[str, Any]:
     for stage in ablation.get("drop", []):
         out.pop(stage, None)
     for dotted, value in ablation.get("set", {}).items():
+        section = dotted.split(".")[0]
+        if section not in out:  # a stage the preset does not run: the ablation would add it with defaults
+            raise SettingsError(f"ablation {name!r} sets {dotted}, but preset {preset.get('name', '?')!r} has no "
+                                f"[{section}] section: this ablation does not apply to it (choose another of "
+                                f"{sorted(ablations)}, or a preset that runs the {section} stage)")
         _set(out, dotted, value)
     out["ablation"] = name
     return out

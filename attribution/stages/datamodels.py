@@ -284,9 +284,8 @@ class DatamodelsStage(Stage):
                     "torch_seed": retrain.training_seed(s.seed, model_id)}
 
         log = PartLog(x["models_dir"], PART_SCHEMA, x["training_key"], s.flush_every, s.flush_seconds)
-        queue = runtime.queue(request, RetrainWorker, config.to_dict(), x["train"], x["targets"],
-                              depth=s.queue_depth, max_retries=s.max_retries,
-                              key=lambda job: f"datamodel model {job['model_id']}")
+        queue = s.open_queue(runtime, request, config, x["train"], x["targets"],
+                             key=lambda job: f"datamodel model {job['model_id']}")  # groups of models_per_worker
         waiting = list(needed)
         bar = tqdm(total=len(needed), desc=f"datamodel trainings ({queue.size} workers)", unit="model",
                    disable=not self.progress, file=sys.stderr, dynamic_ncols=True)

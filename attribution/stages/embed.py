@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from attribution import embedding as emb
-from attribution.backbones import BACKBONES, NORMALIZATIONS, BackboneSpec, spec_from_checkpoint
+from attribution.backbones import BACKBONES, FEATURE_TAPS, NORMALIZATIONS, BackboneSpec, spec_from_checkpoint
 from attribution.settings import Section, SettingsError, setting
 from attribution.stages import register_stage
 from attribution.stages.base import Flag, Plan, Stage, StageInputMissing
@@ -46,14 +46,23 @@ class EmbedSettings(Section):
                                           "unset: the preset's seed")
     # architecture of a random-init backbone (a checkpoint brings its own)
     small_stem: bool | None = setting(None, help="3x3 stem without max-pool; unset: for images up to 64 px")
+    stem_stride: int = setting(1, choices=(1, 2), help="stride of the small stem (ResNets; 2: early downsampling)")
+    width: int = setting(64, low=4, help="ResNet base channels (64: torchvision's); efficientnet_lite0 has its own")
     in_channels: int | None = setting(None, choices=(1, 3), help="unset: the dataset's channels (ResNets)")
     image_size: int | None = setting(None, low=0, help="resize inputs to this side; unset / 0: the dataset's size")
     normalize: str | None = setting(None, choices=NORMALIZATIONS + ("auto",),
                                     help="input normalisation; unset: 'auto' (a checkpoint's own)")
+    features: str = setting("pooled", choices=FEATURE_TAPS,
+                            help="'pooled': the backbone's global-average-pooled output; 'grid': its third "
+                                 "stage pooled to a 4 x 4 grid (ResNets), for any checkpoint or random init")
 
     def check(self) -> None:
         if self.backbone == "efficientnet_lite0" and self.small_stem:
             self.fail("small_stem", "is only for ResNets (efficientnet_lite0 has a fixed stem)")
+        if self.features == "grid" and self.backbone == "efficientnet_lite0":
+            self.fail("features", "= 'grid' reads a ResNet's third stage; efficientnet_lite0 has only 'pooled'")
+        if self.stem_stride != 1 and self.small_stem is False:
+            self.fail("stem_stride", "is the small stem's stride: set embed.small_stem = true, or stem_stride = 1")
         if self.image_size not in (None, 0) and self.image_size < 8:
             self.fail("image_size", f"must be 0 (the dataset's size) or >= 8, got {self.image_size!r}")
 
@@ -106,7 +115,7 @@ class EmbedStage(Stage):
             if spec.name != c.backbone:
                 raise SettingsError(f"embed.backbone = {c.backbone!r} but {checkpoint} holds a {spec.name}: "
                                     f"set --set embed.backbone={spec.name}")
-            overrides = {}
+            overrides = {"features": c.features} if c.features != spec.features else {}
             if c.image_size is not None:
                 overrides["image_size"] = c.image_size or None
             if c.normalize is not None:
@@ -114,10 +123,14 @@ class EmbedStage(Stage):
             return replace(spec, **overrides) if overrides else spec
         height, _, channels = train_set.image_shape
         resnet = c.backbone != "efficientnet_lite0"
+        small_stem = c.small_stem if c.small_stem is not None else (resnet and height <= 64)
+        # width / stem_stride describe a ResNet: an efficientnet_lite0 (e.g. an ablation that
+        # swaps the backbone of a preset with a narrow ResNet) keeps its fixed architecture
         return BackboneSpec(
-            name=c.backbone, small_stem=c.small_stem if c.small_stem is not None else (resnet and height <= 64),
+            name=c.backbone, small_stem=small_stem,
             in_channels=c.in_channels if c.in_channels is not None else (channels if resnet else 3),
-            image_size=c.image_size or None, normalize=c.normalize or "auto")
+            image_size=c.image_size or None, normalize=c.normalize or "auto",
+            width=c.width if resnet else 64, stem_stride=c.stem_stride if resnet else 1, features=c.features)
 
     # ------------------------------------------------------------------ plan / run / finish
     def plan(self) -> Plan:

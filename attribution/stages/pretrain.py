@@ -1,10 +1,22 @@
-"""The pretrain stage: MoCo v2 pretraining of the preset's backbone -> EXP/checkpoints/moco.pt.
+"""The pretrain stage: pretraining of the preset's backbone -> EXP/checkpoints/moco.pt.
+
+``objective = "moco"`` (default): MoCo v2, self-supervised (labels unused).
+``objective = "supervised"``: cross-entropy with the labels of the same images, with the
+same backbone, augmentation, order and step count (the supervised-features ablation,
+:class:`attribution.pretrain.SupervisedPretrainer`). Either way the file is
+EXP/checkpoints/moco.pt (the artifact the embed stage's ``checkpoint = "pretrained"``
+reads); its ``pretrain`` record names the ``method`` ("moco_v2" / "supervised").
 
 Runs in this process (no runtime needed). Data: by default (``images = "full"``) the
 whole training split, labels unused, as the paper pretrains on the full training set;
 it also keeps the queue free of repeats of the query image (5,000 subset images would
 recur within a 4,096-key queue). Test images are never used. ``images = "subset"``
 pretrains on the attribution subset only.
+
+Run length: a fixed number of steps (``max_steps`` / ``epochs``) makes the weights
+reproducible; ``time_budget_s`` is a safety cap. A run the cap stopped before its step
+count is reported (a warning, ``stopped_by = "time_budget"`` with ``steps`` and
+``planned_steps`` in the result, the manifest and the checkpoint), never silently.
 
 Reuse: the checkpoint stores the settings it was trained with
 (:meth:`PretrainSettings.checkpoint_settings`) and their fingerprint. A run with the
@@ -31,15 +43,26 @@ from attribution.settings import DataSettings, Section, setting
 from attribution.stages import register_stage
 from attribution.stages.base import Flag, Plan, Stage
 
+OBJECTIVES = ("moco", "supervised")
+# keys added after the first checkpoints, at the value those were trained with
+LATER_KEYS = {"objective": "moco", "width": 64, "stem_stride": 1, "flip_p": 0.5, "jitter_p": 0.8}
+MOCO_ONLY = ("queue_size", "temperature", "momentum", "hidden_dim", "proj_dim", "shuffle_bn_splits")
+
 
 @dataclass
 class PretrainSettings(Section):
-    """The [pretrain] section (see :class:`attribution.pretrain.MocoPretrainer` for each key)."""
+    """The [pretrain] section (see :class:`attribution.pretrain.Pretrainer` and
+    :class:`~attribution.pretrain.MocoPretrainer` for each key)."""
 
     section: ClassVar[str] = "pretrain"
 
+    objective: str = setting("moco", choices=OBJECTIVES,
+                             help="'moco': MoCo v2, labels unused; 'supervised': cross-entropy with the labels "
+                                  "(the supervised-features ablation)")
     backbone: str = setting("resnet18", choices=RESNETS, help="ResNet to pretrain")
-    small_stem: bool = setting(True, help="3x3 stride-1 stem without max-pool (28 / 32 px images)")
+    small_stem: bool = setting(True, help="3x3 stem without max-pool (28 / 32 px images)")
+    stem_stride: int = setting(1, choices=(1, 2), help="stride of the small stem (2: downsample early, ~4x cheaper)")
+    width: int = setting(64, low=4, help="ResNet base channels (64: torchvision's); features: 8 x width (resnet18)")
     images: str = setting("full", choices=("full", "subset"),
                           help="'full': the whole train split; 'subset': the data.train_per_class images")
     epochs: int = setting(0, low=0, help="epochs (0: no epoch limit)")
@@ -55,6 +78,8 @@ class PretrainSettings(Section):
     proj_dim: int = setting(128, low=1, help="projection head output size")
     min_crop_scale: float = setting(0.25, low=0, low_open=True, high=1,
                                     help="smallest crop area fraction of the random resized crop")
+    flip_p: float = setting(0.5, low=0, high=1, help="probability of a horizontal flip")
+    jitter_p: float = setting(0.8, low=0, high=1, help="probability of brightness/contrast jitter")
     shuffle_bn_splits: int = setting(2, low=1, help="chunks of the shuffled key batch (1: no shuffle BN)")
     warmup_steps: int = setting(10, low=0, help="linear learning-rate warm-up steps")
     precision: str = setting("auto", choices=("auto", "bf16", "fp32"),
@@ -65,16 +90,22 @@ class PretrainSettings(Section):
     def check(self) -> None:
         if not (self.epochs or self.max_steps or self.time_budget_s):
             self.fail("epochs", "or pretrain.max_steps or pretrain.time_budget_s must be set (> 0) to end the run")
+        if self.stem_stride != 1 and not self.small_stem:
+            self.fail("stem_stride", "is the small stem's stride: set pretrain.small_stem = true, or stem_stride = 1")
         if self.shuffle_bn_splits > self.batch_size // 2:
             self.fail("shuffle_bn_splits", f"must be at most batch_size // 2 = {self.batch_size // 2} (BatchNorm "
                                            f"needs 2+ images per chunk), got {self.shuffle_bn_splits}")
 
     def checkpoint_settings(self, data: DataSettings, in_channels: int) -> dict:
         """What determines the pretrained weights, as stored in the checkpoint and compared
-        on reuse (the same dict, key for key, as checkpoints written before stored)."""
+        on reuse. Keys added later (``LATER_KEYS``) are left out at the value earlier
+        checkpoints were trained with, so those keep being reused (the same dict, key for
+        key, as they stored); the MoCo-only keys are left out of a supervised run's."""
         subset = self.images == "subset"
-        return {
-            "backbone": {"name": self.backbone, "small_stem": self.small_stem, "in_channels": int(in_channels)},
+        backbone = {"name": self.backbone, "small_stem": self.small_stem, "in_channels": int(in_channels)}
+        backbone.update({k: getattr(self, k) for k in ("width", "stem_stride") if getattr(self, k) != LATER_KEYS[k]})
+        settings = {
+            "backbone": backbone,
             "data": {"dataset": data.dataset, "root": data.root or "", "images": self.images,
                      "train_per_class": (data.train_per_class or None) if subset else None,
                      "seed": int(data.seed) if subset else None},
@@ -85,6 +116,35 @@ class PretrainSettings(Section):
             "shuffle_bn_splits": self.shuffle_bn_splits, "warmup_steps": self.warmup_steps,
             "precision": self.precision, "seed": int(self.seed),
         }
+        settings.update({k: getattr(self, k) for k in ("objective", "flip_p", "jitter_p")
+                         if getattr(self, k) != LATER_KEYS[k]})
+        if self.objective != "moco":
+            for key in MOCO_ONLY:
+                del settings[key]
+        return settings
+
+    def backbone_spec(self, in_channels: int) -> BackboneSpec:
+        return BackboneSpec(self.backbone, small_stem=self.small_stem, in_channels=int(in_channels),
+                            width=self.width, stem_stride=self.stem_stride)
+
+    def pretrainer(self, in_channels: int, progress: bool):
+        """The objective's pretrainer with this section's settings."""
+        from attribution.pretrain import PRETRAINERS
+
+        shared = dict(batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
+                      max_steps=self.max_steps or None, time_budget_s=self.time_budget_s or None,
+                      min_crop_scale=self.min_crop_scale, flip_p=self.flip_p, jitter_p=self.jitter_p,
+                      warmup_steps=self.warmup_steps, precision=self.precision, seed=int(self.seed),
+                      num_threads=self.threads, progress=progress)
+        if self.objective == "moco":
+            shared.update(queue_size=self.queue_size, temperature=self.temperature, momentum=self.momentum,
+                          hidden_dim=self.hidden_dim, proj_dim=self.proj_dim,
+                          shuffle_bn_splits=self.shuffle_bn_splits)
+        return PRETRAINERS[self.objective](self.backbone_spec(in_channels), **shared)
+
+
+# what a reused checkpoint's summary repeats from its record
+RECORDED = ("method", "steps", "planned_steps", "seconds", "stopped_by", "final_loss")
 
 
 def stored_pretraining(path) -> dict | None:
@@ -107,8 +167,9 @@ class PretrainStage(Stage):
     flags = (Flag("--force", "retrain when EXP holds a checkpoint made with other settings "
                   "(the old file is kept as moco-<hash>.pt)", option="force"),
              Flag("--threads", "torch threads (default: torch's choice)", setting="pretrain.threads", type=int))
-    help = "MoCo v2 self-supervised pretraining of the backbone (EXP/checkpoints/moco.pt)"
-    description = "Pretrain the preset's backbone with MoCo v2 on the training split (labels unused)."
+    help = "pretraining of the backbone, MoCo v2 or supervised (EXP/checkpoints/moco.pt)"
+    description = ("Pretrain the preset's backbone on the training split: MoCo v2, labels unused "
+                   "(pretrain.objective = moco), or cross-entropy with the labels (objective = supervised).")
 
     def plan(self) -> Plan:
         c = self.config
@@ -132,37 +193,37 @@ class PretrainStage(Stage):
         return Plan(todo=[path], extra=extra)
 
     def run(self, plan: Plan) -> dict:
-        from attribution.pretrain import MocoPretrainer
-
         c, path, settings = self.config, self.exp.path("checkpoint"), plan.extra["settings"]
         if not plan.todo:
             stored = plan.extra["stored"]
             digest = stored.get("config_hash") or fingerprint(settings)
             print(f"pretrain: reusing {path} (same settings, hash {digest})", flush=True)
+            # checkpoints written before objectives existed are MoCo's
             return {"checkpoint": str(path), "config_hash": digest, "reused": True,
-                    **{k: stored.get(k) for k in ("steps", "seconds", "stopped_by", "final_loss")}}
+                    "objective": settings.get("objective", "moco"),
+                    **{k: stored.get(k) for k in RECORDED}}
         digest = fingerprint(settings)
         images = plan.extra["images"]
-        backbone = settings["backbone"]
-        spec = BackboneSpec(backbone["name"], small_stem=backbone["small_stem"], in_channels=backbone["in_channels"])
-        pretrainer = MocoPretrainer(
-            spec, batch_size=c.batch_size, queue_size=c.queue_size, temperature=c.temperature,
-            momentum=c.momentum, lr=c.lr, weight_decay=c.weight_decay, epochs=c.epochs,
-            max_steps=settings["max_steps"], time_budget_s=settings["time_budget_s"], hidden_dim=c.hidden_dim,
-            proj_dim=c.proj_dim, min_crop_scale=c.min_crop_scale, shuffle_bn_splits=c.shuffle_bn_splits,
-            warmup_steps=c.warmup_steps, precision=c.precision, seed=settings["seed"], num_threads=c.threads,
-            progress=self.progress)
-        print(f"pretrain: MoCo v2 {spec.name} on {len(images)} {self.settings.data.dataset} train images "
-              f"({c.images}), settings hash {digest}", flush=True)
+        pretrainer = c.pretrainer(settings["backbone"]["in_channels"], self.progress)
+        spec = pretrainer.backbone_spec
+        planned = pretrainer.planned_steps(len(images))
+        print(f"pretrain: {pretrainer.method} {spec.name} (width {spec.width}) on {len(images)} "
+              f"{self.settings.data.dataset} train images ({c.images}), "
+              f"{planned or 'unlimited'} steps, cap {c.time_budget_s or 'none'} s, settings hash {digest}", flush=True)
         pretrainer.fit(images)  # moco.pt stays in place while training: a failure here leaves it as it was
+        if pretrainer.stopped_by_ == "time_budget" and planned:
+            warnings.warn(f"pretrain: the time cap pretrain.time_budget_s = {c.time_budget_s} s stopped the run "
+                          f"after {pretrainer.steps_} of its {planned} steps, so the weights depend on this "
+                          "machine's speed (recorded as stopped_by = 'time_budget'). Raise time_budget_s or lower "
+                          "max_steps for a reproducible run.", stacklevel=2)
         replaced = plan.extra["replaces"]
         # --force: the old checkpoint stays beside the new one as moco-<its hash>.pt, once the
         # new one is written (a failing save puts the old one back at moco.pt)
         kept = {} if replaced is None else {path: path.with_name(f"moco-{replaced.get('config_hash', 'unknown')}.pt")}
         with aside(list(kept), keep=kept):
             pretrainer.save(path, pretrain={"config_hash": digest, "settings": settings})
-        return {"checkpoint": str(path), "config_hash": digest, "reused": False, **pretrainer.summary(),
-                "spec": replace(spec, checkpoint=str(path)).to_dict()}
+        return {"checkpoint": str(path), "config_hash": digest, "reused": False, "objective": c.objective,
+                **pretrainer.summary(), "spec": replace(spec, checkpoint=str(path)).to_dict()}
 
     def finish(self, plan: Plan, result: dict) -> dict:
         summary = {k: v for k, v in result.items() if k != "spec"}

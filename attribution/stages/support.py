@@ -60,8 +60,9 @@ import pyarrow as pa
 
 from attribution.artifacts import ids_digest, read_dataset, reuse, write_table
 from attribution.bisection import NOT_FOUND, BisectionSearch, Trial
-from attribution.retraining import (PartLog, Recipe, RetrainPoolSettings, RetrainWorker, read_parts,
+from attribution.retraining import (PartLog, Recipe, RetrainPoolSettings, read_parts,
                                     recipe_fingerprint, target_arrays, training_arrays)
+from attribution.reuse import adopt_base_artifact, adopt_base_trainings
 from attribution.settings import setting
 from attribution.stages import Flag, Plan, Stage, register_stage
 from attribution.workqueue import NotRetried, WorkFailed, WorkQueue
@@ -103,11 +104,19 @@ class SupportSettings(RetrainPoolSettings):
     epochs: int | None = setting(None, low=1, help="training epochs (unset: the recipe's)")
     batch_size: int | None = setting(None, low=1, help="batch size (unset: the recipe's)")
     lr: float | None = setting(None, low=0, low_open=True, help="peak learning rate (unset: the recipe's)")
+    width: int | None = setting(None, low=1, help="the MLP's hidden units (unset: the recipe's, 256)")
+    engine: str | None = setting(None, choices=("module", "stacked"),
+                                 help="'stacked': many MLPs trained at once per worker (attribution/batched_retrain.py)"
+                                      "; 'module': one model at a time (unset: the recipe's)")
+    precision: str | None = setting(None, choices=("fp32", "bf16"),
+                                    help="'bf16': bfloat16 matrix products, fp32 weights (unset: the recipe's)")
     seeds: int = setting(5, low=1, help="trainings per bisection step (the reference's num_tests)")
     first_seeds: int = setting(1, low=1, help="trainings of the first test at k = limit (reference: 1)")
     budget: int = setting(8, low=0, help="bisection steps after the first test")
-    targets: int | tuple[int, ...] = setting(10, help="number of seeded random targets among the ranked ones, "
-                                                      "or a list of test image ids")
+    targets: int | tuple[int, ...] = setting(10, help="targets searched: every ranked target is screened by the "
+                                                      "full-data ensemble and the first this many that it classifies "
+                                                      "correctly, in a seeded order, are searched; or a list of test "
+                                                      "image ids (searched when classified correctly)")
     modes: tuple[str, ...] = setting(MODES, choices=MODES, help="removal and/or mislabel")
     methods: tuple[str, ...] = setting((), help="methods whose rankings are searched; empty: every method in "
                                                 "EXP/rankings")
@@ -142,7 +151,7 @@ class SupportSettings(RetrainPoolSettings):
 
     def recipe(self) -> Recipe:
         """The retraining recipe (the support, TRAK and Datamodels stages' models)."""
-        return Recipe(self.model, self.epochs, self.batch_size, self.lr)
+        return Recipe(self.model, self.epochs, self.batch_size, self.lr, self.width, self.engine, self.precision)
 
 
 # What each output depends on: a rerun whose values differ would replace it (refused
@@ -176,9 +185,9 @@ def load_rankings(folder, methods: Sequence[str] = ()) -> tuple[dict, list[str]]
     return rankings, sorted(frame["method"].unique())
 
 
-def select_targets(rankings: dict, methods: Sequence[str], spec, seed: int) -> np.ndarray:
-    """Targets ranked by every method: a seeded random number of them (all when the
-    number is at least their count), or the given ids."""
+def select_targets(rankings: dict, methods: Sequence[str], spec) -> np.ndarray:
+    """The targets the full-data ensemble screens: every target ranked by every method
+    (``spec`` a number), or the given ids (``spec`` a list)."""
     per_method = [{t for (t, m) in rankings if m == method} for method in methods]
     common = np.array(sorted(set.intersection(*per_method)), dtype=np.int64)
     if isinstance(spec, (list, tuple)):
@@ -187,10 +196,21 @@ def select_targets(rankings: dict, methods: Sequence[str], spec, seed: int) -> n
         if len(missing):
             raise ValueError(f"support.targets {missing[:10].tolist()} are not ranked by every method {list(methods)}")
         return np.sort(wanted)
-    if int(spec) >= len(common):
-        return common
+    return common
+
+
+def searched_targets(screening, spec, seed: int) -> np.ndarray:
+    """The screened targets that are searched: those every full-data model classifies
+    correctly (status "searched"); when ``spec`` is a number, the first ``spec`` of them in
+    a seeded order of the screened targets (so the count is met whenever enough targets
+    are classified correctly, and a larger number only adds targets)."""
+    screened = np.asarray(screening["target_id"], dtype=np.int64)
+    eligible = set(screened[np.asarray(screening["status"]) == "searched"].tolist())
+    if isinstance(spec, (list, tuple)):
+        return np.array(sorted(eligible & {int(t) for t in spec}), dtype=np.int64)
     rng = np.random.default_rng([int(seed), 7])  # a stream of its own: independent of other draws
-    return np.sort(rng.choice(common, size=int(spec), replace=False))
+    order = np.sort(screened)[rng.permutation(len(screened))]
+    return np.sort(np.array([t for t in order.tolist() if t in eligible][:int(spec)], dtype=np.int64))
 
 
 def rankings_digests(rankings: dict, methods: Sequence[str]) -> dict:
@@ -436,7 +456,7 @@ class SupportStage(Stage):
             raise ValueError(f"{error.args[0]}: the rankings in {self.exp.path('rankings')} were made on another "
                              "training subset than [data] describes (train_per_class, seed); rerun the rank stage "
                              "or fix [data]") from error
-        target_ids = select_targets(rankings, methods, s.targets, s.seed)
+        target_ids = select_targets(rankings, methods, s.targets)
         removal_limit = self._removal_limit([rankings[(t, m)] for t in target_ids.tolist() for m in methods],
                                             len(train_set))
         recipe = recipe_fingerprint(s.recipe().train_config(), data.key(), s.seed, len(train_set))
@@ -448,6 +468,7 @@ class SupportStage(Stage):
                f"{self.exp.path('trainings')} of the same recipe and the same ranked prefixes are reused), "
                "or use a new --exp.")
         reuse(self.exp.path("support"), result_settings, fix, force)  # refuses other settings
+        adopt_base_artifact(self.exp, "support_targets", screening_settings)  # an ablation: its base's ensemble
         screening = None
         if reuse(self.exp.path("support_targets"), screening_settings, fix, force):
             import pandas as pd
@@ -492,12 +513,10 @@ class SupportStage(Stage):
         """The searches of the screened targets, with the log's outcomes recorded."""
         s, extra = self.config, plan.extra
         screening = extra["screening"]
-        status = dict(zip(screening["target_id"].astype(int), screening["status"]))
         flip = dict(zip(screening["target_id"].astype(int), screening["flip_class"].astype(int)))
         tasks = []
-        for target in extra["target_ids"].tolist():
-            if status[target] != "searched":
-                continue
+        extra["searched_ids"] = searched_targets(screening, s.targets, s.seed)
+        for target in extra["searched_ids"].tolist():
             for method in extra["methods"]:
                 ranked = extra["rankings"][(target, method)]
                 for mode in s.modes:
@@ -508,6 +527,8 @@ class SupportStage(Stage):
         scheduler = SearchScheduler(tasks, s.seed, extra["recipe"], speculate=s.speculate,
                                     wait_seconds=s.flush_seconds, progress=self.progress)
         scheduler.resume(extra["known"])
+        # an ablation: identical trainings (recipe, change, seed) logged by its base experiment
+        extra["from_base"] = adopt_base_trainings(self.exp, scheduler, extra["known"])
         extra["scheduler"] = scheduler
         return scheduler
 
@@ -537,13 +558,19 @@ class SupportStage(Stage):
         extra["support"] = pa.Table.from_pylist(rows, schema=SUPPORT_SCHEMA)  # written by finish
         counts = extra["screening"]["status"].value_counts().to_dict()
         queue = pool.queue
-        return {"targets": len(extra["target_ids"]), "searched_targets": int(counts.get("searched", 0)),
+        searched = len(extra["searched_ids"])
+        if isinstance(s.targets, int) and searched < s.targets:
+            print(f"support: only {searched} of the {len(extra['target_ids'])} ranked targets are classified "
+                  f"correctly by every full-data model; support.targets = {s.targets} asks for more: rank more "
+                  "targets (rank.targets)", file=sys.stderr, flush=True)
+        return {"targets": len(extra["target_ids"]), "searched_targets": searched,
+                "classified_correctly": int(counts.get("searched", 0)),
                 "misclassified_targets": int(counts.get("misclassified", 0)),
                 "unstable_targets": int(counts.get("unstable", 0)), "searches": len(rows),
                 "found": int(sum(r["status"] == "found" for r in rows)),
                 "trainings": int(sum(r["trainings"] for r in rows)),
                 "reference_trainings": int(sum(r["reference_trainings"] for r in rows)),
-                "trained_this_run": len(scheduler.trained),
+                "trained_this_run": len(scheduler.trained), "trainings_from_base": extra.get("from_base", 0),
                 # removal searches whose limit the training-set size capped below support.top_k
                 "limit_capped": int(sum(t.mode == "removal" and t.search.limit < min(int(s.top_k), len(t.ranked_ids))
                                         for t in scheduler.tasks)),
@@ -626,9 +653,8 @@ class _LazyQueue:
             config = s.recipe().train_config(runtime.device(request))  # as the pool's resources decide
             test_set = self.stage.settings.data.load("test", subset=False)
             extra["targets"] = target_arrays(test_set, extra["target_ids"])
-            self.queue = runtime.queue(request, RetrainWorker, config.to_dict(), training_arrays(extra["train_set"]),
-                                       extra["targets"], depth=s.queue_depth, max_retries=s.max_retries,
-                                       key=item_name)
+            self.queue = s.open_queue(runtime, request, config, training_arrays(extra["train_set"]),
+                                      extra["targets"], key=item_name)  # groups of models_per_worker
         return self.queue
 
     def close(self) -> None:

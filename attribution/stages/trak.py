@@ -200,7 +200,7 @@ class TrakStage(Stage):
         image_shape = tuple(np.asarray(train["images"]).shape[1:])
         num_classes = int(train["num_classes"])
         method.fit(TrainingData(train["ids"], train["labels"], images=trainer.x, extra={
-            "model_fn": lambda: retrain.build_model(config.model, num_classes, image_shape), "checkpoints": states}))
+            "model_fn": lambda: retrain.build_model(config.model, num_classes, image_shape, config.width), "checkpoints": states}))
         target_ids, labels = np.asarray(targets["ids"], np.int64), np.asarray(targets["labels"], np.int64)
         rows_todo = np.flatnonzero(np.isin(labels, plan.todo))
         remaining = {c: int((labels == c).sum()) for c in plan.todo}

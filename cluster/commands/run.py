@@ -15,6 +15,9 @@ def add_run_arguments(parser):
     parser.add_argument("--ablation", default=None, metavar="NAME",
                         help="apply an ablation from attribution/presets/ablations.toml "
                              f"({', '.join(sorted(load_ablations()))}); default --exp becomes runs/PRESET-NAME")
+    parser.add_argument("--base", default=None, metavar="EXP",
+                        help="with --ablation: the experiment whose unchanged work is reused (default: runs/PRESET; "
+                             "its files are linked or copied, never modified)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a preset value, e.g. --set data.train_per_class=100 (repeatable)")
 
@@ -47,12 +50,27 @@ def default_exp(preset_name: str, ablation: str | None) -> str:
     return f"runs/{preset_name}" + (f"-{ablation}" if ablation else "")
 
 
+def ablation_base(preset_name: str, ablation: str | None, base: str | None) -> tuple[str | None, bool]:
+    """The base experiment of a run and whether it must exist: --base (must exist), else
+    for an ablation the preset's default experiment (used when it exists), else none."""
+    from attribution.settings import SettingsError
+
+    if base is not None:
+        if not ablation:
+            raise SettingsError("--base is for ablation runs: add --ablation NAME (a run of the preset itself "
+                                "has no base to reuse)")
+        return base, True
+    return (default_exp(preset_name, None), False) if ablation else (None, False)
+
+
 def run(args) -> int:
     from cluster.pipeline import run_preset
 
     preset, stages = checked_preset(args.preset, args.overrides, args.ablation, args.stages)
     exp_dir = args.exp or default_exp(preset["name"], args.ablation)
-    summaries = run_preset(preset, exp_dir, address=args.address, stages=stages, progress=not args.no_progress)
+    base, base_required = ablation_base(preset["name"], args.ablation, getattr(args, "base", None))
+    summaries = run_preset(preset, exp_dir, address=args.address, stages=stages, progress=not args.no_progress,
+                           base=base, base_required=base_required)
     print(f"\nexperiment directory: {exp_dir}")
     for name, summary in summaries.items():
         print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
