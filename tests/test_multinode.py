@@ -302,7 +302,9 @@ def test_node_lost_during_embedding_loses_nothing(cluster, clean, tmp_path):
     folder = tmp_path / "embeddings"
     try:
         thread, outcome = in_thread(embed_on_cluster, folder)
-        lost = remove_worker_node_when(cluster, lambda: len(shard_files(folder)) >= 2, thread)
+        # both actors placed (each holds queued shards) and two shards written: the node lost now
+        # has work in flight
+        lost = remove_worker_node_when(cluster, lambda: pool_placed() and len(shard_files(folder)) >= 2, thread)
         result = finished(thread, outcome)
         assert result["splits"]["train"]["complete"] and result["splits"]["test"]["complete"]
         # the lost node's shard went back to the queue and was embedded by the survivor (or,
