@@ -103,3 +103,27 @@ def require_foolbox_data():
     if spec is None:
         missing_real_data("foolbox (test extra, its real CIFAR-10 / ImageNet images) is not installed")
     return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def write_rank_rankings(exp, train, test, target_positions):
+    """An l2 (pixel distance) same-class ranking per target, as the rank stage writes it."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+
+    from attribution.artifacts import write_table
+    from attribution.ranking import RANKING_SCHEMA
+
+    x = train.images(np.arange(len(train))).reshape(len(train), -1).astype(np.float32)
+    for label in np.unique(test.labels[target_positions]):
+        rows = []
+        for p in target_positions[test.labels[target_positions] == label]:
+            same = np.flatnonzero(train.labels == label)
+            score = -np.linalg.norm(x[same] - test.images([p]).reshape(-1).astype(np.float32), axis=1)
+            order = np.argsort(-score, kind="stable")
+            rows.append(pd.DataFrame({"target_id": np.int64(test.ids[p]), "method": "l2",
+                                      "rank": np.arange(len(order), dtype=np.int32),
+                                      "train_id": train.ids[same][order].astype(np.int64),
+                                      "score": score[order].astype(np.float32)}))
+        table = pa.Table.from_pandas(pd.concat(rows), preserve_index=False).cast(RANKING_SCHEMA)
+        write_table(table, exp.rankings / f"l2-class{int(label):03d}.parquet")

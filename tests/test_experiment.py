@@ -36,7 +36,7 @@ from attribution.stages.rank import RankStage
 from attribution.workqueue import InProcessRuntime, WorkFailed
 from cluster.cli import main
 from cluster.storage import ExperimentStorage
-from conftest import require_fashion_mnist
+from conftest import require_fashion_mnist, write_rank_rankings
 from faults import FaultyRuntime, SimulatedCrash
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -217,20 +217,8 @@ def test_trak_force_that_fails_restores_the_files_it_replaced(tmp_path):
     train = require_fashion_mnist("train", n_per_class=10, seed=0)
     test = load_dataset("fashion-mnist", "test", n_per_class=5, seed=0)
     exp = Experiment(tmp_path / "exp")
-    x = train.images(np.arange(len(train))).reshape(len(train), -1).astype(np.float32)
     positions = np.array([0, 1, 7])  # targets of two classes
-    for label in np.unique(test.labels[positions]):
-        rows = []
-        for p in positions[test.labels[positions] == label]:
-            same = np.flatnonzero(train.labels == label)
-            score = -np.linalg.norm(x[same] - test.images([p]).reshape(-1).astype(np.float32), axis=1)
-            order = np.argsort(-score, kind="stable")
-            rows.append(pd.DataFrame({"target_id": np.int64(test.ids[p]), "method": "l2",
-                                      "rank": np.arange(len(order), dtype=np.int32),
-                                      "train_id": train.ids[same][order].astype(np.int64),
-                                      "score": score[order].astype(np.float32)}))
-        table = pa.Table.from_pandas(pd.concat(rows), preserve_index=False).cast(RANKING_SCHEMA)
-        write_table(table, exp.rankings / f"l2-class{int(label):03d}.parquet")
+    write_rank_rankings(exp, train, test, positions)
 
     def trak(force=False, **section):
         preset = {"name": "test", "seed": 0, "data": {"dataset": "fashion-mnist", "train_per_class": 10},

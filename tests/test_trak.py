@@ -15,6 +15,7 @@ from attribution.data import load_dataset
 from attribution.experiment import Experiment
 from attribution.methods import Targets, TrainingData, available_methods, create_method, method_class
 from attribution.ranking import RANKING_SCHEMA
+from conftest import write_rank_rankings
 from attribution.scores import ScoreStore, rank_block
 from attribution.settings import SettingsError
 from attribution.stages import StageInputMissing, parse_settings
@@ -203,23 +204,6 @@ def stage_preset(**trak):
 
 def trak_stage(exp, force=False, **trak):
     return TrakStage(exp, parse_settings(stage_preset(**trak)), progress=False, force=force)
-
-
-def write_rank_rankings(exp, train, test, target_positions):
-    """An l2 (pixel distance) same-class ranking per target, as the rank stage writes it."""
-    x = train.images(np.arange(len(train))).reshape(len(train), -1).astype(np.float32)
-    for label in np.unique(test.labels[target_positions]):
-        rows = []
-        for p in target_positions[test.labels[target_positions] == label]:
-            same = np.flatnonzero(train.labels == label)
-            score = -np.linalg.norm(x[same] - test.images([p]).reshape(-1).astype(np.float32), axis=1)
-            order = np.argsort(-score, kind="stable")
-            rows.append(pd.DataFrame({"target_id": np.int64(test.ids[p]), "method": "l2",
-                                      "rank": np.arange(len(order), dtype=np.int32),
-                                      "train_id": train.ids[same][order].astype(np.int64),
-                                      "score": score[order].astype(np.float32)}))
-        table = pa.Table.from_pandas(pd.concat(rows), preserve_index=False).cast(RANKING_SCHEMA)
-        write_table(table, exp.rankings / f"l2-class{int(label):03d}.parquet")
 
 
 def read_trak_rankings(exp):
