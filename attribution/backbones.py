@@ -91,8 +91,9 @@ LIGHTLY_RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "efficientnet_lite0": 1280}
 
 
-FEATURE_TAPS = ("pooled", "grid")
-GRID = 4  # "grid" features: the third stage's map pooled to GRID x GRID cells
+FEATURE_TAPS = ("pooled", "grid", "grid2")
+GRID = 4  # "grid" / "grid2" features: the third / second stage's map pooled to GRID x GRID cells
+GRID_STAGES = {"grid": 3, "grid2": 2}  # the ResNet stage each grid tap reads
 
 
 class CheckpointError(ValueError):
@@ -130,7 +131,8 @@ class BackboneSpec:
     stem_stride: int = 1           # stride of the small stem's 3x3 conv (2: early downsampling)
     features: str = "pooled"       # "pooled": the trunk's global-average-pooled output; "grid": the
                                    # third stage's feature map average-pooled to a 4 x 4 grid and
-                                   # flattened (ResNets; keeps where in the image a pattern is)
+                                   # flattened (ResNets; keeps where in the image a pattern is);
+                                   # "grid2": the same of the second stage (finer, for stride-1 stems)
 
     # fields added after records were first stored: left out of to_dict() at these values,
     # so the records (checkpoints, embedding manifests) of existing backbones stay equal
@@ -150,9 +152,9 @@ class BackboneSpec:
             raise ValueError(f"BackboneSpec.width must be an int >= 4 (ResNet base channels), got {self.width!r}")
         if self.features not in FEATURE_TAPS:
             raise ValueError(f"BackboneSpec.features must be one of {FEATURE_TAPS}, got {self.features!r}")
-        if self.features == "grid" and self.name not in RESNETS:
-            raise ValueError("BackboneSpec.features = 'grid' reads a ResNet's third stage; "
-                             f"{self.name} has only 'pooled' features")
+        if self.features in GRID_STAGES and self.name not in RESNETS:
+            raise ValueError(f"BackboneSpec.features = {self.features!r} reads a ResNet's stage "
+                             f"{GRID_STAGES[self.features]}; {self.name} has only 'pooled' features")
         if self.stem_stride not in (1, 2):
             raise ValueError(f"BackboneSpec.stem_stride must be 1 or 2, got {self.stem_stride!r}")
         if self.stem_stride != 1 and not self.small_stem:
@@ -179,11 +181,14 @@ class BackboneSpec:
 
     @property
     def dim(self) -> int:
-        """Feature dimension (pooled: the last stage's channels; grid: 16 x the third stage's)."""
+        """Feature dimension (pooled: the last stage's channels; grid / grid2: 16 x the third /
+        second stage's, which have 1/2 / 1/4 of the last stage's channels)."""
         if self.name == "efficientnet_lite0":
             return FEATURE_DIMS[self.name]
         pooled = FEATURE_DIMS[self.name] * self.width // 64
-        return pooled // 2 * GRID * GRID if self.features == "grid" else pooled
+        if self.features in GRID_STAGES:
+            return pooled // 2 ** (4 - GRID_STAGES[self.features]) * GRID * GRID
+        return pooled
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "BackboneSpec":
@@ -203,12 +208,14 @@ class FeatureExtractor(nn.Module):
     def __init__(self, trunk: nn.Module, dim: int, spec: BackboneSpec):
         super().__init__()
         self.trunk, self.spec = trunk, spec
-        self.dim = spec.dim if spec.features == "grid" else dim  # the trunk's dim is its pooled output's
+        self.dim = spec.dim if spec.features in GRID_STAGES else dim  # the trunk's dim is its pooled output's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.features == "grid":
+        if self.spec.features in GRID_STAGES:
             t = self.trunk
-            x = t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x)))))))
+            x = t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x))))))
+            if GRID_STAGES[self.spec.features] == 3:
+                x = t.layer3(x)
             return torch.flatten(nn.functional.adaptive_avg_pool2d(x, GRID), 1)
         return torch.flatten(self.trunk(x), 1)
 

@@ -520,9 +520,25 @@ def _rank_columns(x: np.ndarray) -> np.ndarray:
     return rankdata(x, axis=0)  # average ranks for ties, as Spearman's rho prescribes
 
 
+def spearman_columns(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Spearman's rho between ``predicted[:, j]`` and ``measured[:, j]`` for every column j
+    (the Pearson correlation of their average ranks); nan where either column is constant."""
+    predicted = np.asarray(predicted, dtype=np.float64)
+    measured = np.asarray(measured, dtype=np.float64)
+    if predicted.shape != measured.shape or predicted.ndim != 2:
+        raise ValueError(f"predicted {predicted.shape} and measured {measured.shape} must be 2-D of one shape "
+                         "(models, targets)")
+    rp, rm = _rank_columns(predicted), _rank_columns(measured)
+    rp -= rp.mean(axis=0)
+    rm -= rm.mean(axis=0)
+    denom = np.sqrt((rp ** 2).sum(axis=0) * (rm ** 2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (rp * rm).sum(axis=0) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
 def lds(masks: np.ndarray, margins: np.ndarray, scores: np.ndarray, *, n_boot: int = 1000,
         confidence: float = 0.95, seed: int = 0) -> LDSResult:
-    """Linear datamodeling score (Park et al. 2023, TRAK).
+    """Linear datamodeling score (Park et al. 2023, TRAK) of one dense score matrix.
 
     masks (n_models, n_train) bool: which training images each subset model saw;
     margins (n_models, n_targets): each model's measured margin on each target;
@@ -530,7 +546,8 @@ def lds(masks: np.ndarray, margins: np.ndarray, scores: np.ndarray, *, n_boot: i
     subset S_m on target t is g(m, t) = sum_{i in S_m} scores[t, i]; LDS(t) is the
     Spearman correlation over models between g(., t) and margins(., t); the reported
     LDS is the mean over targets. Targets whose predictions or margins are constant
-    over models have no correlation (nan) and are left out of the mean.
+    over models have no correlation (nan) and are left out of the mean. (The report
+    reads the score store block by block instead: :func:`lds_table`.)
     """
     masks = np.asarray(masks)
     margins = np.asarray(margins, dtype=np.float64)
@@ -545,50 +562,9 @@ def lds(masks: np.ndarray, margins: np.ndarray, scores: np.ndarray, *, n_boot: i
                          f"got {scores.shape}")
     if masks.shape[0] < 3:
         raise ValueError(f"LDS needs at least 3 subset models to correlate over, got {masks.shape[0]}")
-    predicted = masks.astype(np.float64) @ scores.T  # (n_models, n_targets)
-    rp, rm = _rank_columns(predicted), _rank_columns(margins)
-    rp -= rp.mean(axis=0)
-    rm -= rm.mean(axis=0)
-    denom = np.sqrt((rp ** 2).sum(axis=0) * (rm ** 2).sum(axis=0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where(denom > 0, (rp * rm).sum(axis=0) / np.where(denom > 0, denom, 1.0), np.nan)
+    rho = spearman_columns(masks.astype(np.float64) @ scores.T, margins)
     ci = _mean_with_ci(rho, n_boot, confidence, seed)
     return LDSResult(rho, ci["mean"], ci["low"], ci["high"], int(np.sum(~np.isnan(rho))))
-
-
-def scores_matrix(rankings_df: pd.DataFrame, method: str, target_ids, train_ids, *,
-                  fill: float | str = "min") -> np.ndarray:
-    """Dense (n_targets, n_train) scores of one method from its (top-k) rankings.
-
-    Training images a ranking does not list get ``fill``: a number, or "min" (each
-    target's lowest stored score). "min" is the default because a ranking claims the
-    unlisted images are no more influential than its last entry, and ESVM decision
-    values are mostly negative, so filling 0 would put the unlisted images above the
-    listed ones. Targets without a ranking get all-``fill`` rows (0 for "min").
-    Raises ValueError when the rankings name training ids outside ``train_ids`` (the
-    LDS models were then trained on another training set).
-    """
-    target_ids = np.asarray(target_ids, dtype=np.int64)
-    train_ids = np.asarray(train_ids, dtype=np.int64)
-    part = rankings_df[(rankings_df["method"] == method) & rankings_df["target_id"].isin(target_ids)]
-    t_pos = pd.Index(target_ids).get_indexer(part["target_id"].to_numpy())
-    i_pos = pd.Index(train_ids).get_indexer(part["train_id"].to_numpy())
-    if (i_pos < 0).any():
-        missing = part["train_id"].to_numpy()[i_pos < 0][:5].tolist()
-        raise ValueError(f"{method} rankings name training ids {missing}... that the LDS masks do not cover; "
-                         "the subset models must be trained on the same training set as the rankings")
-    out = np.zeros((len(target_ids), len(train_ids)), dtype=np.float64)
-    values = part["score"].to_numpy(dtype=np.float64)
-    if fill == "min":
-        lows = pd.Series(values).groupby(t_pos).min()
-        out[:] = 0.0
-        out[lows.index.to_numpy()] = lows.to_numpy()[:, None]
-    elif isinstance(fill, (int, float)):
-        out[:] = float(fill)
-    else:
-        raise ValueError(f"fill must be a number or 'min', got {fill!r}")
-    out[t_pos, i_pos] = values
-    return out
 
 
 @dataclass
@@ -601,6 +577,21 @@ class LDSData:
     target_ids: np.ndarray
     source: str
     notes: list[str] = field(default_factory=list)
+
+    def masks_over(self, train_ids) -> np.ndarray:
+        """The masks with one column per id of ``train_ids`` (a score store's training ids):
+        False for an id no subset model saw. Raises ValueError when the models saw
+        images that ``train_ids`` lacks (they were trained on another training set)."""
+        train_ids = np.asarray(train_ids, dtype=np.int64)
+        columns = pd.Index(train_ids).get_indexer(self.train_ids)
+        if (columns < 0).any():
+            missing = self.train_ids[columns < 0][:5].tolist()
+            raise ValueError(f"the LDS subset models saw training ids {missing}... that the score store does not "
+                             f"score ({int((columns < 0).sum())} in all): they were trained on another training "
+                             "set; rerun the datamodels stage (which writes EXP/lds/) in this experiment")
+        out = np.zeros((self.masks.shape[0], len(train_ids)), dtype=bool)
+        out[:, columns] = self.masks
+        return out
 
 
 def masks_from_long(model_ids, train_ids, *, all_train_ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -652,20 +643,290 @@ def load_lds_data(exp_dir: str | os.PathLike) -> LDSData | None:
     return None
 
 
-def lds_table(rankings_df: pd.DataFrame, data: LDSData, *, methods: Sequence[str] | None = None,
-              fill: float | str = "min", n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """LDS per method on the targets that have both margins and that method's rankings."""
+def _as_store(scores) -> "ScoreStore":
+    from attribution.scores import ScoreStore
+
+    if isinstance(scores, ScoreStore):
+        return scores
+    if isinstance(scores, (str, os.PathLike)):
+        return ScoreStore(scores)
+    raise TypeError(f"scores must be a ScoreStore or the path of EXP/scores, got {type(scores).__name__}: LDS is "
+                    "computed from the full score vectors, not from (truncated) rankings")
+
+
+def lds_per_target(scores, data: LDSData, *, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per (method, LDS target): the Spearman correlation over the subset models between
+    the summed full scores of each model's training subset and its measured margin.
+
+    ``scores``: a :class:`attribution.scores.ScoreStore` (or its folder, EXP/scores);
+    ``methods``: default every method (and variant) with score blocks. The store is read
+    one block at a time and only the rows of LDS targets are kept, so memory is one
+    block plus (models x targets) predictions. Columns: method, target_id, lds (nan
+    where the prediction or the margins are constant over the models), constant (the
+    prediction is constant: e.g. a lasso that kept no coefficient)."""
+    store = _as_store(scores)
+    methods = order_methods(methods if methods is not None else store.methods())
+    if not methods:
+        return pd.DataFrame(columns=["method", "target_id", "lds", "constant"])
+    if data.masks.shape[0] < 3:
+        raise ValueError(f"LDS needs at least 3 subset models to correlate over, got {data.masks.shape[0]}")
+    masks = data.masks_over(store.train_ids()).astype(np.float32)
+    wanted = pd.Index(data.target_ids)
+    parts = []
+    for method in methods:
+        for block in store.blocks(method):
+            rows = np.flatnonzero(wanted.get_indexer(block.target_ids) >= 0)
+            if not len(rows):
+                continue
+            # float64 sums: subsets of thousands of small scores lose digits in float32
+            predicted = masks.astype(np.float64) @ block.values[rows].astype(np.float64).T
+            targets = block.target_ids[rows]
+            measured = data.margins[:, wanted.get_indexer(targets)]
+            parts.append(pd.DataFrame({"method": method, "target_id": targets,
+                                       "lds": spearman_columns(predicted, measured),
+                                       "constant": np.ptp(predicted, axis=0) == 0}))
+    if not parts:
+        return pd.DataFrame(columns=["method", "target_id", "lds", "constant"])
+    return pd.concat(parts, ignore_index=True).drop_duplicates(["method", "target_id"])
+
+
+def lds_table(scores, data: LDSData, *, methods: Sequence[str] | None = None, n_boot: int = 1000,
+              confidence: float = 0.95, seed: int = 0, per_target: pd.DataFrame | None = None) -> pd.DataFrame:
+    """LDS per method from its full score vectors (:func:`lds_per_target`), paired: the
+    mean over the LDS targets that EVERY compared method scored, with a seeded bootstrap
+    interval (one seed and one target set, so every method sees the same resamples).
+
+    A constant prediction (the method gives every subset the same summed score: it
+    predicts nothing) counts as correlation 0, not as missing: dropping it would reward
+    a method for the targets it cannot tell apart. Targets whose margins are constant
+    over the models have no correlation for any method and are left out.
+
+    Columns: method, n_scored (LDS targets the method has scores for), n_targets (the
+    paired targets the mean is over), n_constant (of those, constant predictions),
+    n_models, lds, lds_low, lds_high. A method with no score on an LDS target has a row
+    with n_scored 0 and nan LDS (listed, not dropped)."""
+    table = per_target if per_target is not None else lds_per_target(scores, data, methods=methods)
+    methods = order_methods(methods if methods is not None else
+                            (_as_store(scores).methods() if scores is not None else table["method"].unique()))
+    measured = pd.Series(np.ptp(data.margins, axis=0) > 0, index=data.target_ids)
+    scored = {m: table[table["method"] == m] for m in methods}
+    common = None
+    for method, part in scored.items():
+        if len(part):
+            ids = set(part["target_id"].astype(np.int64))
+            common = ids if common is None else common & ids
+    common = sorted(t for t in (common or set()) if measured.get(t, False))
     rows = []
-    for method in order_methods(methods or rankings_df["method"].unique()):
-        ranked = set(rankings_df.loc[rankings_df["method"] == method, "target_id"].astype(np.int64))
-        cols = np.array([i for i, t in enumerate(data.target_ids) if int(t) in ranked], dtype=np.int64)
-        if len(cols) == 0:
+    for method in methods:
+        part = scored[method].set_index("target_id")
+        row = {"method": method, "n_scored": int(len(part)), "n_targets": 0, "n_constant": 0,
+               "n_models": int(data.masks.shape[0]), "lds": float("nan"), "lds_low": float("nan"),
+               "lds_high": float("nan")}
+        if len(part) and common:
+            values = part.loc[common]
+            rho = np.where(values["constant"].to_numpy(bool), 0.0, values["lds"].to_numpy(np.float64))
+            ci = _mean_with_ci(rho, n_boot, confidence, seed)
+            row.update(n_targets=len(common), n_constant=int(values["constant"].sum()), lds=ci["mean"],
+                       lds_low=ci["low"], lds_high=ci["high"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- score vectors: non-zeros, ties
+
+
+def outside_policy(method: str, settings: dict | None = None) -> dict:
+    """What ``method`` declares about the training images outside its candidates:
+    ``class_restricted`` (scores only the target's class) and ``outside`` (how the
+    others are scored: "min" = the target's lowest candidate score, "none" = the method
+    scores every image itself, or the method's own policy, e.g. esvm@negative's
+    "negative"), read from the method object built with the parameters its score blocks
+    were written with (``settings``: a block's stored settings; a variant differs from
+    its base only there), else from the class. ``source`` says which. An unregistered
+    method declares nothing (None)."""
+    import inspect
+
+    from attribution.methods import is_method
+
+    if not is_method(method):
+        return {"class_restricted": None, "outside": None, "source": "unregistered"}
+    cls = method_class(method)
+    declared, source = cls, "class"
+    if settings:
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        params = {k: v for k, v in settings.items() if k in accepted and v is not None}
+        try:
+            declared, source = cls(**params), "the blocks' settings"
+        except Exception:  # settings of another version: the class's declaration is what is known
+            declared, source = cls, "class"
+    return {"class_restricted": bool(declared.class_restricted), "outside": str(declared.outside), "source": source}
+
+
+def _observed_outside(values: np.ndarray, candidates: np.ndarray | None) -> str:
+    """How the block's non-candidate entries are scored, as seen in the numbers."""
+    if candidates is None or candidates.all():
+        return "none outside (every image is a candidate)"
+    low = np.where(candidates, values, np.inf).min(axis=1, keepdims=True)
+    outside = ~candidates
+    if np.all((values == low) | ~outside):
+        return "min (the target's lowest candidate score)"
+    spread = np.where(outside, values, np.nan)
+    if np.all(np.nanmax(spread, axis=1) == np.nanmin(spread, axis=1)):
+        return "constant per target"
+    return "own scores (vary outside the candidates)"
+
+
+def score_summary(scores, *, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per method (and variant) of the score store, one block at a time: how many of each
+    target's candidate scores are non-zero, how many candidates it has, and how the
+    images outside the candidates are scored (declared by the class, observed in the
+    blocks).
+
+    Columns: method, n_targets, n_train, candidates_median, nonzero_median, nonzero_min,
+    nonzero_max, distinct_median (distinct candidate score values per target),
+    class_restricted, outside (declared), observed_outside."""
+    store = _as_store(scores)
+    rows = []
+    for method in order_methods(methods if methods is not None else store.methods()):
+        counts, nonzero, distinct, observed, n_train = [], [], [], set(), 0
+        names = store.block_names(method)
+        policy = outside_policy(method, store.settings(method, names[0]) if names else None)
+        for block in store.blocks(method):
+            n_train = len(block.train_ids)
+            cand = block.candidates
+            inside = np.ones(block.values.shape, bool) if cand is None else cand
+            counts.append(inside.sum(axis=1))
+            nonzero.append(((block.values != 0) & inside).sum(axis=1))
+            distinct += [len(np.unique(row[mask])) for row, mask in zip(block.values, inside)]
+            if len(block.target_ids):
+                observed.add(_observed_outside(block.values, cand))
+        if not counts:
             continue
-        scores = scores_matrix(rankings_df, method, data.target_ids[cols], data.train_ids, fill=fill)
-        result = lds(data.masks, data.margins[:, cols], scores, n_boot=n_boot, confidence=confidence, seed=seed)
-        rows.append({"method": method, "n_targets": len(cols), "n_valid": result.n_valid,
-                     "n_models": int(data.masks.shape[0]), "lds": result.mean, "lds_low": result.low,
-                     "lds_high": result.high})
+        counts, nonzero = np.concatenate(counts), np.concatenate(nonzero)
+        rows.append({"method": method, "n_targets": int(len(counts)), "n_train": int(n_train),
+                     "candidates_median": float(np.median(counts)), "nonzero_median": float(np.median(nonzero)),
+                     "nonzero_min": int(nonzero.min()), "nonzero_max": int(nonzero.max()),
+                     "distinct_median": float(np.median(distinct)),
+                     "class_restricted": policy["class_restricted"], "outside": policy["outside"],
+                     "observed_outside": "; ".join(sorted(observed))})
+    return pd.DataFrame(rows)
+
+
+def tied_fraction(scores) -> float:
+    """The fraction of a ranking's positions whose score equals the next position's
+    (rank order); nan for a ranking shorter than 2. 0: a strict order; near 1: the
+    order is the tie-break's (train id), not the method's."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) < 2:
+        return float("nan")
+    return float(np.mean(scores[:-1] == scores[1:]))
+
+
+MOSTLY_TIED = 0.5  # a ranking whose tied fraction exceeds this is "mostly ties"
+
+
+def ranking_ties(rankings_df: pd.DataFrame, *, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per method: how much of its rankings is ties (:func:`tied_fraction` per target).
+
+    Columns: method, n_targets, length (median ranking length), tied_median, tied_max,
+    mostly_tied (rankings whose tied fraction exceeds :data:`MOSTLY_TIED`),
+    first_tie_median (median position, 0-based, of the first tie: where the method's
+    own scores stop ordering the ranking when everything after it ties),
+    ties_in_id_order (the fraction of tied neighbours in ascending train-id order: 1 when
+    the ties are broken by id, lower when the method orders them by a key of its own)."""
+    _require(rankings_df, ("target_id", "method", "rank", "score"), "rankings table")
+    ordered = rankings_df.sort_values(["method", "target_id", "rank"], kind="stable")
+    rows = []
+    for method in order_methods(methods if methods is not None else ordered["method"].unique()):
+        part = ordered[ordered["method"] == method]
+        if part.empty:
+            continue
+        tied, lengths, first, ascending, pairs = [], [], [], 0, 0
+        for _, group in part.groupby("target_id", sort=False):
+            values = group["score"].to_numpy(np.float64)
+            ids = group["train_id"].to_numpy(np.int64)
+            tied.append(tied_fraction(values))
+            lengths.append(len(values))
+            equal = np.flatnonzero(values[:-1] == values[1:])
+            first.append(int(equal[0]) if len(equal) else len(values))
+            ascending += int((ids[equal + 1] > ids[equal]).sum())
+            pairs += len(equal)
+        tied = np.asarray(tied)
+        rows.append({"method": method, "n_targets": len(lengths), "length": float(np.median(lengths)),
+                     "tied_median": float(np.nanmedian(tied)) if (~np.isnan(tied)).any() else float("nan"),
+                     "tied_max": float(np.nanmax(tied)) if (~np.isnan(tied)).any() else float("nan"),
+                     "mostly_tied": int((tied > MOSTLY_TIED).sum()), "first_tie_median": float(np.median(first)),
+                     "ties_in_id_order": ascending / pairs if pairs else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def tie_warnings(ties: pd.DataFrame, scores: pd.DataFrame | None = None) -> list[str]:
+    """Sentences for the methods whose rankings are mostly ties, or whose score vectors
+    have fewer non-zero candidate scores than their rankings are long."""
+    scores = scores if scores is not None else pd.DataFrame(columns=["method"])
+    by_method = scores.set_index("method") if len(scores) else None
+    out = []
+    for row in ties.itertuples():
+        nonzero = ""
+        if by_method is not None and row.method in by_method.index:
+            s = by_method.loc[row.method]
+            if s["nonzero_median"] < row.length:
+                nonzero = (f" it has a median of {s['nonzero_median']:.0f} non-zero scores of "
+                           f"{s['candidates_median']:.0f} candidates (min {int(s['nonzero_min'])}), fewer than its "
+                           f"{row.length:.0f} ranked positions;")
+        if row.tied_median > MOSTLY_TIED or nonzero:
+            out.append(f"**warning**: {row.method}'s rankings are mostly ties:{nonzero} a median "
+                       f"{row.tied_median:.0%} of its ranked positions tie with the next one "
+                       f"({row.mostly_tied} of {row.n_targets} rankings more than {MOSTLY_TIED:.0%} tied; the first "
+                       f"tie at a median position {row.first_tie_median:.0f}); "
+                       + ("tied images are in train-id order, so beyond its first tie its supports measure that "
+                          "order, not the method" if not row.ties_in_id_order < 0.99 else
+                          f"only {row.ties_in_id_order:.0%} of tied neighbours are in train-id order: the method "
+                          "orders its ties by a key of its own that the stored scores do not show"))
+    return out
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+
+FRONTIER_METRICS = (("removal", "removal support AUC"), ("mislabel", "mislabel support AUC"), ("lds", "LDS"))
+
+
+def frontier_table(methods: Sequence[str], costs: pd.DataFrame, summary: pd.DataFrame | None = None,
+                   lds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per method (and variant): the compute that produced its attributions
+    (:func:`cost_table`) beside its removal and mislabel support AUC
+    (:func:`support_summary`) and LDS (:func:`lds_table`), each with its interval.
+
+    Columns: method, base (the registered method a variant belongs to), seconds,
+    cost_complete (every stage time recorded; else seconds is a lower bound), removal, removal_low, removal_high, mislabel, ..., lds, lds_low,
+    lds_high, missing (the metrics the method lacks, and "compute" when its seconds are
+    unknown: such a method cannot be placed on the x-axis)."""
+    from attribution.methods import split_variant
+
+    rows = []
+    cost = costs.set_index("method") if len(costs) else pd.DataFrame()
+    for method in order_methods(methods):
+        row = {"method": method, "base": split_variant(method)[0], "seconds": float("nan"), "cost_complete": False}
+        if method in cost.index and _number(cost.loc[method, "seconds"]):
+            row["seconds"] = float(cost.loc[method, "seconds"])
+            row["cost_complete"] = not cost.loc[method, "missing_stages"]  # every stage time recorded
+        for key, _ in FRONTIER_METRICS:
+            row[key] = row[f"{key}_low"] = row[f"{key}_high"] = float("nan")
+        if summary is not None and len(summary):
+            for mode in ("removal", "mislabel"):
+                hit = summary[(summary["method"] == method) & (summary["mode"] == mode)]
+                if len(hit):
+                    row[mode], row[f"{mode}_low"], row[f"{mode}_high"] = hit.iloc[0][["auc", "auc_low", "auc_high"]]
+        if lds is not None and len(lds):
+            hit = lds[lds["method"] == method]
+            if len(hit) and not np.isnan(hit.iloc[0]["lds"]):
+                row["lds"], row["lds_low"], row["lds_high"] = hit.iloc[0][["lds", "lds_low", "lds_high"]]
+        missing = [key for key, _ in FRONTIER_METRICS if np.isnan(row[key])]
+        if np.isnan(row["seconds"]):
+            missing.append("compute")
+        row["missing"] = ", ".join(missing)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -731,6 +992,38 @@ def stage_seconds(manifest: dict, stage: str) -> tuple[float | None, str]:
     return None, "not recorded"
 
 
+def method_stage_seconds(manifest: dict, stage: str, method: str) -> tuple[float | None, str]:
+    """Seconds ``stage`` spent on ``method``'s attributions: the stage's own record for
+    the method when the stage produces several methods or variants and measures each
+    (``<stage>.method_seconds.<method>``: e.g. TRAK at M checkpoints, Datamodels at n
+    models: the seconds from scratch, which a stage that reuses files keeps from the run
+    that computed them), else the whole stage's seconds (:func:`stage_seconds`)."""
+    section = manifest.get(stage) or {}
+    per_method = section.get("method_seconds") or {}
+    if _number(per_method.get(method)):  # from scratch by contract, so valid after a reusing run too
+        return float(per_method[method]), f"{stage}.method_seconds"
+    return stage_seconds(manifest, stage)
+
+
+VARIANT_PATH = "{variant}"  # in a CostSpec path: "" for the method itself, "@<tag>" for a variant
+
+
+def variant_cost_spec(method: str, specs: dict[str, CostSpec]) -> CostSpec | None:
+    """The cost spec of a variant (``trak@m20``): its base method's, with the base's own
+    score and ranking paths replaced by the variant's and ``{variant}`` in a path (a
+    folder of the stage's own per-variant files, e.g. ``datamodels/regressions{variant}``)
+    by ``@<tag>``; None for a base without a spec."""
+    from attribution.methods import split_variant
+
+    base, tag = split_variant(method)
+    spec = specs.get(base)
+    if tag is None or spec is None:
+        return None
+    paths = tuple(p.replace(f"scores/{base}", f"scores/{method}").replace(f"rankings/{base}-", f"rankings/{method}-")
+                  .replace(VARIANT_PATH, f"@{tag}") for p in spec.paths)
+    return CostSpec(spec.stages, paths, spec.note)
+
+
 def path_bytes(exp_dir: str | os.PathLike, pattern: str) -> int | None:
     """Bytes of the files a glob names under EXP (directories recursively); None when
     nothing matches. Hidden and temporary files (leading dot) are left out."""
@@ -776,6 +1069,10 @@ def cost_table(exp_dir: str | os.PathLike, methods: Sequence[str], *, manifest: 
     rows = []
     for method in order_methods(methods):
         spec = specs.get(method)
+        if spec is not None:
+            spec = CostSpec(spec.stages, tuple(p.replace(VARIANT_PATH, "") for p in spec.paths), spec.note)
+        else:
+            spec = variant_cost_spec(method, specs)
         if spec is None:
             rows.append({"method": method, "seconds": None, "stages": "", "missing_stages": "no cost spec",
                          "storage_bytes": None, "missing_paths": "no cost spec", "complete": False,
@@ -784,7 +1081,7 @@ def cost_table(exp_dir: str | os.PathLike, methods: Sequence[str], *, manifest: 
             continue
         seconds, parts, missing = 0.0, [], []
         for stage in spec.stages:
-            value, source = stage_seconds(manifest, stage)
+            value, source = method_stage_seconds(manifest, stage, method)
             if value is None:
                 missing.append(stage if source == "not recorded" else f"{stage} ({source})")
             else:
@@ -832,7 +1129,8 @@ __all__ = [
     "support_auc", "support_limit", "support_summary", "pairwise_outcomes", "win_rates", "jaccard",
     "ClaimSpec", "CLAIMS", "MIN_PAIRED_TARGETS", "censored_supports", "claim_verdict", "paired_support_difference",
     "claims_table",
-    "ranked_lists", "topk_jaccard", "support_set_jaccard", "LDSResult", "lds", "scores_matrix", "LDSData",
-    "masks_from_long", "load_lds_data", "lds_table", "CostSpec", "declared_cost_specs", "reuse_state",
-    "stage_seconds", "path_bytes", "cost_specs", "cost_table",
+    "ranked_lists", "topk_jaccard", "support_set_jaccard", "LDSResult", "lds", "spearman_columns", "LDSData",
+    "masks_from_long", "load_lds_data", "lds_per_target", "lds_table", "outside_policy", "score_summary",
+    "tied_fraction", "MOSTLY_TIED", "ranking_ties", "tie_warnings", "FRONTIER_METRICS", "frontier_table", "CostSpec", "declared_cost_specs", "reuse_state",
+    "stage_seconds", "method_stage_seconds", "variant_cost_spec", "path_bytes", "cost_specs", "cost_table",
 ]

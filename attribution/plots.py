@@ -91,39 +91,49 @@ def plot_support_curves(support_df: pd.DataFrame, summary: pd.DataFrame, limit: 
     return save_figure(fig, path)
 
 
-def plot_quality_vs_cost(summary: pd.DataFrame, costs: pd.DataFrame, path: Path) -> Path | None:
-    """AUC (with CI) against the compute seconds that produced the attributions."""
-    # summary's own "seconds" is the retraining cost of the evaluation: keep it apart
-    merged = summary.drop(columns=["seconds"], errors="ignore").merge(
-        costs[["method", "seconds", "missing_stages"]], on="method", how="inner")
-    merged["timed"] = merged["missing_stages"].fillna("") == ""
-    merged = merged[pd.to_numeric(merged["seconds"]).notna() & (pd.to_numeric(merged["seconds"]) > 0)]
-    if merged.empty:
+def plot_frontier(frontier: pd.DataFrame, path: Path) -> Path | None:
+    """Removal support AUC, mislabel support AUC and LDS (one panel each) against the
+    compute seconds that produced each method's attributions (log x-axis).
+
+    ``frontier``: :func:`attribution.metrics.frontier_table`. Every method and variant
+    with seconds is a point, with its interval as a bar; the points of one base method
+    (``trak``, ``trak@m1``, ``trak@m20``) are joined in order of seconds and labelled by
+    their tag; hollow markers: the cost is a lower bound (some stage times missing).
+    None when no method has both seconds and a metric."""
+    placed = frontier[pd.to_numeric(frontier["seconds"]).notna() & (pd.to_numeric(frontier["seconds"]) > 0)]
+    if placed.empty or all(placed[key].isna().all() for key, _ in M.FRONTIER_METRICS):
         return None
-    colors = method_colors(order_methods(merged["method"].unique()))
-    markers = {"removal": "o", "mislabel": "s"}
-    fig = new_figure(6.0, 4.2)
-    ax = fig.subplots()
-    for _, row in merged.iterrows():
-        color = colors[row["method"]]
-        ax.errorbar(row["seconds"], row["auc"], yerr=[[row["auc"] - row["auc_low"]], [row["auc_high"] - row["auc"]]],
-                    fmt=markers.get(row["mode"], "^"), color=color, ms=8, capsize=3,
-                    mfc=color if row["timed"] else "white")
-    for method, rows in merged.groupby("method"):  # one label per method, above its highest point
-        best = rows.loc[rows["auc"].idxmax()]
-        ax.annotate(method + ("" if best["timed"] else " (>=)"), (best["seconds"], best["auc"]),
-                    textcoords="offset points", xytext=(7, 6), fontsize=9, color=colors[method])
-    for mode, marker in markers.items():
-        if (merged["mode"] == mode).any():
-            ax.plot([], [], marker, color="k", mfc="none", label=f"{mode} support")
-    ax.set_xscale("log")
-    # room for the labels right of the points on a log axis
-    ax.set_xlim(merged["seconds"].min() / 2, merged["seconds"].max() * 3)
-    ax.set_xlabel("compute seconds to produce the attributions (log)")
-    ax.set_ylabel("support AUC (higher is better)")
-    ax.set_title("quality against cost (hollow: some stage times missing, cost >= x)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    bases = list(dict.fromkeys(placed["base"]))
+    colors = method_colors(bases)
+    fig = new_figure(5.0 * len(M.FRONTIER_METRICS), 4.3)
+    axes = np.atleast_1d(fig.subplots(1, len(M.FRONTIER_METRICS)))
+    low_x, high_x = placed["seconds"].min(), placed["seconds"].max()
+    for ax, (key, label) in zip(axes, M.FRONTIER_METRICS):
+        shown = placed[placed[key].notna()]
+        for base in bases:
+            part = shown[shown["base"] == base].sort_values("seconds")
+            if part.empty:
+                continue
+            color = colors[base]
+            if len(part) > 1:
+                ax.plot(part["seconds"], part[key], "-", color=color, lw=1.2, alpha=0.7)
+            for row in part.itertuples():
+                value, low, high = getattr(row, key), getattr(row, f"{key}_low"), getattr(row, f"{key}_high")
+                yerr = None if np.isnan(low) or np.isnan(high) else [[value - low], [high - value]]
+                ax.errorbar(row.seconds, value, yerr=yerr, fmt="o", color=color, ms=7, capsize=3,
+                            mfc=color if row.cost_complete else "white")
+                tag = row.method.split("@", 1)[1] if "@" in row.method else row.method
+                ax.annotate(tag, (row.seconds, value), textcoords="offset points", xytext=(6, 4), fontsize=8,
+                            color=color)
+            ax.plot([], [], "o-", color=color, label=base)
+        ax.set_xscale("log")
+        ax.set_xlim(low_x / 2, high_x * 3)  # room for the labels right of the points on a log axis
+        ax.set_xlabel("compute seconds to produce the attributions (log)")
+        ax.set_ylabel(f"{label} (higher is better)")
+        ax.set_title(label if len(shown) else f"{label}: no method has it", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        if len(shown):
+            ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)
 
 

@@ -75,10 +75,13 @@ def sort_rankings(table: pa.Table) -> pa.Table:
 
 def ranking_file_name(method: str, label: int) -> str:
     """EXP/rankings/<method>-class<label>.parquet, one file per (method, class);
-    ``method`` must be registered (ValueError naming the registered ones)."""
-    from attribution.methods import method_class
+    ``method`` must be registered or a variant of one (``trak@m20``; ValueError naming
+    the registered ones)."""
+    from attribution.methods import method_class, split_variant
 
-    return f"{method_class(method).name}-class{int(label):03d}.parquet"
+    base, tag = split_variant(method)
+    name = method_class(base).name + (f"@{tag}" if tag is not None else "")
+    return f"{name}-class{int(label):03d}.parquet"
 
 
 def load_rankings(exp, method: str | None = None) -> pa.Table:

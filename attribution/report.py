@@ -40,6 +40,7 @@ from attribution.artifacts import read_dataset, visible_files, write_text
 from attribution.experiment import Experiment
 from attribution.methods import order_methods
 from attribution.plots import markdown_table
+from attribution.scores import TRAIN_IDS_FILE, ScoreStore
 
 FILES_DIR = "report_files"
 LDS_FILES = "EXP/lds/ or EXP/datamodels/: masks.parquet + margins.parquet"
@@ -130,7 +131,7 @@ class ReportInputs:
     derived from them once (the support limit, the support summary, ranked lists)."""
 
     def __init__(self, root: Path, tables: dict, *, n_boot: int, confidence: float, seed: int,
-                 jaccard_ks: Sequence[int], grid_targets: int, grid_top: int, lds_fill: float | str,
+                 jaccard_ks: Sequence[int], grid_targets: int, grid_top: int,
                  image_loader: Callable[[str], object] | None):
         self.root, self.files = root, root / FILES_DIR
         self.manifest = tables["manifest"]
@@ -138,12 +139,16 @@ class ReportInputs:
         self.problems = list(tables["problems"])   # tables that could not be read
         self.n_boot, self.confidence, self.seed = n_boot, confidence, seed
         self.jaccard_ks, self.grid_targets, self.grid_top = jaccard_ks, grid_targets, grid_top
-        self.lds_fill, self.image_loader = lds_fill, image_loader
+        self.image_loader = image_loader
         self.lds_data, self.lds_problem = None, None
         try:
             self.lds_data = M.load_lds_data(root)
         except (ValueError, OSError) as error:
             self.lds_problem = f"LDS masks/margins are unreadable: {error}"
+        # the full score vectors (EXP/scores): LDS, non-zeros and outside policies read them
+        self.store = ScoreStore(root / "scores") if (root / "scores" / TRAIN_IDS_FILE).exists() else None
+        if self.store is not None and not self.store.methods():
+            self.store = None
 
     @property
     def boot(self) -> dict:
@@ -182,6 +187,34 @@ class ReportInputs:
     @functools.cached_property
     def lists(self) -> dict | None:
         return M.ranked_lists(self.rankings) if self.rankings is not None else None
+
+    @functools.cached_property
+    def methods(self) -> list[str]:
+        """Every method (and variant) any table names: rankings, supports, trainings, score blocks."""
+        names = set(self.store.methods()) if self.store is not None else set()
+        for df in (self.rankings, self.support, self.trainings):
+            if df is not None and "method" in df.columns:
+                names |= set(df["method"].unique())
+        return order_methods(names)
+
+    @functools.cached_property
+    def lds(self) -> tuple[pd.DataFrame | None, str | None]:
+        """(the LDS table from the full score vectors, or None; why not, or None)."""
+        if self.lds_data is None or self.store is None:
+            return None, None
+        try:
+            return M.lds_table(self.store, self.lds_data, **self.boot), None
+        except (ValueError, OSError, KeyError) as error:
+            return None, f"LDS could not be computed: {error}"
+
+    @functools.cached_property
+    def score_stats(self) -> pd.DataFrame:
+        """Non-zero scores, candidates and outside policy per method of the score store."""
+        return M.score_summary(self.store) if self.store is not None else pd.DataFrame()
+
+    @functools.cached_property
+    def costs(self) -> pd.DataFrame:
+        return M.cost_table(self.root, self.methods, manifest=self.manifest)
 
 
 # ----------------------------------------------------------------------------- document model
@@ -451,7 +484,10 @@ def availability_section(doc: Document, r: ReportInputs) -> None:
     if not r.manifest:
         missing.append(f"manifest.json (settings, timings): `{command_for('manifest')}`")
     if r.rankings is None:
-        missing.append(f"rankings/ (overlap tables, image grid, LDS): `{command_for('rankings')}`")
+        missing.append(f"rankings/ (overlap tables, ties, image grid): `{command_for('rankings')}`")
+    if r.store is None:
+        missing.append(f"scores/ (full score vectors: LDS, non-zero scores, outside policies): "
+                       f"`{command_for('scores')}`")
     if r.support is None:
         missing.append(f"support.parquet (support curves, AUC, win rates, cost plot): `{command_for('support')}`")
     if r.trainings is None:
@@ -552,44 +588,117 @@ def overlap_section(doc: Document, r: ReportInputs) -> None:
                                     "mean Jaccard": [_ci(row.mean, row.low, row.high) for row in sj.itertuples()]}))
 
 
+def scores_section(doc: Document, r: ReportInputs) -> None:
+    """Per method: the full score vectors (non-zero scores, candidates, how images outside
+    the candidates are scored) and how much of each ranking is ties, with warnings."""
+    doc.heading(2, "Score vectors and ties")
+    if r.store is None and r.rankings is None:
+        doc.para(f"No score blocks or rankings yet: run `{command_for('scores')}`.")
+        return
+    stats = r.score_stats
+    ties = M.ranking_ties(r.rankings) if r.rankings is not None else pd.DataFrame()
+    methods = order_methods(set(stats.get("method", [])) | set(ties.get("method", [])))
+    by_stats = stats.set_index("method") if len(stats) else pd.DataFrame()
+    by_ties = ties.set_index("method") if len(ties) else pd.DataFrame()
+
+    def cell(frame, method, column, fmt):
+        return fmt(frame.loc[method, column]) if method in frame.index else "–"
+
+    def declared(method):
+        if method in by_stats.index:  # built with its blocks' settings (a variant's own policy)
+            policy = {k: by_stats.loc[method, k] for k in ("class_restricted", "outside")}
+        else:
+            policy = M.outside_policy(method)
+        if policy["outside"] is None:
+            return "unregistered: declares nothing"
+        return ("class-restricted" if policy["class_restricted"] else "all classes") + f", outside = {policy['outside']}"
+
+    doc.para("Non-zero: candidate scores different from 0 per target (candidates: the training images the method "
+             "scored; all of them for a method without a candidate mask). Tied: the fraction of a ranking's "
+             "positions whose score equals the next one's (median over targets); tied images follow in train-id "
+             "order. Outside the candidates: what the method's class declares (`class_restricted`, `outside`) "
+             "and what the stored blocks show; LDS sums these scores too.")
+    doc.table(pd.DataFrame({
+        "method": methods,
+        "targets": [cell(by_stats, m, "n_targets", _fmt) for m in methods],
+        "candidates (median)": [cell(by_stats, m, "candidates_median", lambda v: _fmt(v, 0)) + (
+            f" of {int(by_stats.loc[m, 'n_train'])}" if m in by_stats.index else "") for m in methods],
+        "non-zero (median)": [cell(by_stats, m, "nonzero_median", lambda v: _fmt(v, 0)) for m in methods],
+        "non-zero (min)": [cell(by_stats, m, "nonzero_min", _fmt) for m in methods],
+        "ranking length": [cell(by_ties, m, "length", lambda v: _fmt(v, 0)) for m in methods],
+        "tied (median)": [cell(by_ties, m, "tied_median", lambda v: _fmt(v, 3)) for m in methods],
+        "declared": [declared(m) for m in methods],
+        "outside the candidates (observed)": [cell(by_stats, m, "observed_outside", str) for m in methods]}))
+    notes = []
+    if r.store is not None:
+        notes += [f"{m}: score blocks only (no rankings): its ranking is that of {m.split('@')[0]} or it is not "
+                  "searched; it enters the LDS" for m in methods if m in by_stats.index and m not in by_ties.index]
+    if r.rankings is not None and r.store is not None:
+        notes += [f"{m}: rankings without score blocks: no LDS (rerun `{command_for('scores')}` or the stage "
+                  "of that method)" for m in methods if m in by_ties.index and m not in by_stats.index]
+    doc.bullets(M.tie_warnings(ties, stats) + notes if len(ties) else notes)
+
+
 def lds_section(doc: Document, r: ReportInputs) -> None:
-    """The linear datamodeling score of each method's rankings on the subset models."""
+    """The linear datamodeling score of each method's full score vectors on the subset models."""
     doc.heading(2, "Linear datamodeling score (LDS)")
     lds_data = r.lds_data
-    if lds_data is None or r.rankings is None:
-        doc.para(f"Not available: needs rankings and subset-model masks + margins ({LDS_FILES}, written by "
+    if lds_data is None or r.store is None:
+        doc.para(f"Not available: needs the full score vectors (EXP/scores/, written by `{command_for('scores')}` "
+                 f"and the trak / datamodels stages) and subset-model masks + margins ({LDS_FILES}, written by "
                  f"`{command_for('lds')}`). Support sizes reward only the top (positive) influencers; LDS also "
                  "rewards calibrated weights and negative influencers, which similarity rankings lack.")
         return
-    try:
-        lt = M.lds_table(r.rankings, lds_data, fill=r.lds_fill, **r.boot)
-    except ValueError as error:
-        doc.para(f"LDS could not be computed: {error}")
+    table, problem = r.lds
+    if problem:
+        doc.para(problem)
         return
-    if lt.empty:
-        doc.para("No method's rankings cover the LDS targets.")
+    scored = table[table["n_scored"] > 0]
+    if scored.empty:
+        doc.para("No method's score blocks cover the LDS targets.")
         return
-    doc.para(f"Spearman correlation over {int(lds_data.masks.shape[0])} subset models between the "
-             f"summed scores of each model's training subset and its measured margin, mean over targets "
-             f"(source EXP/{lds_data.source}/; unlisted training images scored {r.lds_fill!r}). "
+    n_common = int(scored["n_targets"].max())
+    stats = r.score_stats.set_index("method") if len(r.score_stats) else pd.DataFrame()
+    policies = [f"{method}: {stats.loc[method, 'outside']}" for method in scored["method"]
+                if method in stats.index and stats.loc[method, "class_restricted"]]
+    doc.para(f"Spearman correlation over {int(lds_data.masks.shape[0])} subset models between the summed FULL "
+             f"scores of each model's training subset and its measured margin, mean over the {n_common} LDS "
+             f"targets every method below scored (paired: the same targets and bootstrap resamples for each; "
+             f"source EXP/{lds_data.source}/). A constant prediction counts as 0. Class-restricted methods score "
+             "the images outside their candidates by their outside policy"
+             + (f" ({'; '.join(policies)}; see the score-vector table)" if policies else "") + ". "
              + r.ci_text + " " + " ".join(lds_data.notes))
-    doc.table(pd.DataFrame({"method": lt["method"], "targets": lt["n_valid"],
-                            "LDS": [_ci(row.lds, row.lds_low, row.lds_high) for row in lt.itertuples()]}))
+    doc.table(pd.DataFrame({"method": scored["method"], "targets": scored["n_targets"],
+                            "scored": scored["n_scored"], "constant": scored["n_constant"],
+                            "LDS": [_ci(row.lds, row.lds_low, row.lds_high) for row in scored.itertuples()]}))
+    notes = []
+    if (scored["n_scored"] > scored["n_targets"]).any():
+        notes.append("some methods scored more LDS targets than the paired set; the paired mean uses only the "
+                     "targets every method scored")
+    names = set(scored["method"])
+    for method in sorted(n for n in names if "@" in n):
+        base = method.split("@")[0]
+        if base in names:
+            a, b = (scored.set_index("method").loc[x, "lds"] for x in (base, method))
+            notes.append(f"{method} beside {base}: LDS {b:.3f} against {a:.3f}"
+                         + (" (the same ranking, other scores outside the candidates)" if method == "esvm@negative"
+                            else ""))
+    unscored = table[table["n_scored"] == 0]["method"].tolist()
+    if unscored:
+        notes.append(f"score blocks without LDS targets (not in the table): {', '.join(unscored)}")
+    doc.bullets(notes)
 
 
 def cost_section(doc: Document, r: ReportInputs) -> None:
-    """Compute seconds and storage each method's attributions took (its class's ``cost``),
-    and the support AUC against that compute."""
+    """Compute seconds and storage each method's attributions took (its class's ``cost``;
+    a variant's own ``method_seconds`` where its stage records them)."""
     doc.heading(2, "Cost of producing the attributions")
-    methods = set()
-    for df in (r.rankings, r.support, r.trainings):
-        if df is not None and "method" in df.columns:
-            methods |= set(df["method"].unique())
-    if not methods:
+    if not r.methods:
         doc.para("No method named in any table: nothing to cost.")
         return
-    costs = M.cost_table(r.root, sorted(methods), manifest=r.manifest)
-    doc.para("Compute seconds from the manifest's stage times and bytes on disk of what each method needs; "
+    costs = r.costs
+    doc.para("Compute seconds from the manifest's stage times (a stage that produces several methods or variants "
+             "records each one's own seconds, `method_seconds`) and bytes on disk of what each method needs; "
              "missing stages are listed, not counted as zero (the cost is then at least the figure shown). "
              "Retraining for the support evaluation is not part of this cost (see the support table).")
     doc.table(pd.DataFrame({
@@ -599,12 +708,67 @@ def cost_section(doc: Document, r: ReportInputs) -> None:
         "breakdown": costs["stages"], "missing stages": costs["missing_stages"],
         "storage": costs["storage_bytes"].map(_bytes), "missing paths": costs["missing_paths"]}))
     doc.bullets(sorted(set(n for n in costs["note"] if n)))
-    if r.summary is not None:
-        plot = plots.plot_quality_vs_cost(r.summary, costs, r.files / "quality_vs_cost.png")
-        if plot:
-            doc.image(plot, "Support AUC against the compute that produced the attributions")
-        else:
-            doc.para("No method has recorded compute seconds: no quality-vs-cost plot.")
+
+
+FRONTIER_ABLATION = "frontier"  # ablations.toml: searches the budget variants this run only scores
+
+
+def frontier_summary(r: ReportInputs) -> tuple[pd.DataFrame | None, str | None]:
+    """This run's support summary, with the rows of the methods it did not search taken
+    from its ``frontier`` ablation run when one exists (the same targets and limit:
+    the ablation reuses this run's ensemble and rankings), and a sentence naming that run."""
+    summary, limit = r.summary, r.limit[0]
+    folder = find_ablation_runs(r.root, [FRONTIER_ABLATION])[FRONTIER_ABLATION]
+    if folder is None or limit is None or not (folder / "support.parquet").exists():
+        return summary, None
+    other = pd.read_parquet(folder / "support.parquet")
+    searched = set(summary["method"]) if summary is not None else set()
+    other = other[~other["method"].isin(searched)]
+    if not len(other):
+        return summary, None
+    if int(other["support"].max()) > limit:
+        limit = int(other["support"].max())
+    extra = M.support_summary(other, limit, **r.boot)
+    names = ", ".join(order_methods(extra["method"].unique()))
+    return (pd.concat([summary, extra], ignore_index=True) if summary is not None else extra,
+            f"Support AUC of {names}: from the `{FRONTIER_ABLATION}` ablation run `{folder}` (same targets, "
+            "ensemble and rankings; `attribution run PRESET --ablation frontier`).")
+
+
+def frontier_section(doc: Document, r: ReportInputs) -> None:
+    """Quality against compute: removal and mislabel support AUC and LDS of every method
+    and variant against the seconds that produced its attributions (one figure, one table)."""
+    doc.heading(2, "Quality against compute (the frontier)")
+    if not r.methods:
+        doc.para("No method named in any table: no frontier.")
+        return
+    summary, source = frontier_summary(r)
+    frontier = M.frontier_table(r.methods, r.costs, summary, r.lds[0])
+    if source:
+        doc.para(source)
+    doc.para("Each method and variant at the compute that produced its attributions (the cost table's seconds; "
+             "log axis); variants of one method are joined by a line; bars: the intervals of the support and "
+             "LDS tables. **Higher is better** on every panel. A hollow marker: some stage times are missing, so "
+             "the cost is at least x. " + r.ci_text)
+    doc.table(pd.DataFrame({
+        "method": frontier["method"],
+        "compute": [(">= " if not row.cost_complete and not np.isnan(row.seconds) else "") + _seconds(row.seconds)
+                    for row in frontier.itertuples()],
+        **{label: [_ci(getattr(row, key), getattr(row, f"{key}_low"), getattr(row, f"{key}_high"))
+                   for row in frontier.itertuples()] for key, label in M.FRONTIER_METRICS},
+        "missing": frontier["missing"]}))
+    lacking = []
+    for key, label in (*M.FRONTIER_METRICS, ("compute", "compute seconds")):
+        names = [row.method for row in frontier.itertuples() if key in row.missing.split(", ")]
+        if names:
+            lacking.append(f"without {label}" + (" (not on any panel)" if key == "compute" else
+                                                 " (not on that panel)") + f": {', '.join(names)}")
+    doc.bullets(lacking)
+    plot = plots.plot_frontier(frontier, r.files / "frontier.png")
+    if plot:
+        doc.image(plot, "Removal support AUC, mislabel support AUC and LDS against compute seconds")
+    else:
+        doc.para("No method has both compute seconds and a metric: no frontier plot.")
 
 
 def retraining_section(doc: Document, r: ReportInputs) -> None:
@@ -654,8 +818,9 @@ def image_grid_section(doc: Document, r: ReportInputs) -> None:
 
 # The report's sections, in document order: each is section(doc, inputs).
 SECTIONS: tuple[Callable[[Document, ReportInputs], None], ...] = (
-    title_section, claims_section, header_section, availability_section, support_section, win_rate_section, overlap_section, lds_section,
-    cost_section, retraining_section, image_grid_section,
+    title_section, claims_section, header_section, availability_section, support_section, win_rate_section,
+    overlap_section, scores_section, lds_section, cost_section, frontier_section, retraining_section,
+    image_grid_section,
 )
 
 
@@ -664,20 +829,18 @@ SECTIONS: tuple[Callable[[Document, ReportInputs], None], ...] = (
 
 def write_report(exp_dir: str | os.PathLike, *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0,
                  jaccard_ks: Sequence[int] = (10, 100), grid_targets: int = 4, grid_top: int = 8,
-                 lds_fill: float | str = "min", image_loader: Callable[[str], object] | None = None,
-                 ) -> tuple[Path, Path]:
+                 image_loader: Callable[[str], object] | None = None) -> tuple[Path, Path]:
     """Write EXP/report.md, EXP/report.html and EXP/report_files/*.png; return (md, html).
 
     n_boot, confidence, seed: bootstrap over targets for every mean over targets.
     jaccard_ks: the k of the top-k overlap tables. grid_targets, grid_top: how many
     targets (seeded choice) and top-ranked images per method the image grid shows.
-    lds_fill: score of training images a ranking does not list, for LDS
-    (:func:`attribution.metrics.scores_matrix`). image_loader: split -> ImageSet
+    image_loader: split -> ImageSet
     (default: the preset's dataset); a loader that fails only drops the image grid.
     """
     root = Path(exp_dir)
     inputs = ReportInputs(root, load_tables(root), n_boot=n_boot, confidence=confidence, seed=seed,
-                          jaccard_ks=jaccard_ks, grid_targets=grid_targets, grid_top=grid_top, lds_fill=lds_fill,
+                          jaccard_ks=jaccard_ks, grid_targets=grid_targets, grid_top=grid_top,
                           image_loader=image_loader)
     inputs.files.mkdir(parents=True, exist_ok=True)
     doc = Document()

@@ -43,7 +43,9 @@ from attribution.artifacts import (SettingsChanged, differences, link_or_copy, s
 from attribution.experiment import ARTIFACTS, Experiment
 
 # artifacts several stages write: each method's files belong to the stage that fits it
-PER_METHOD = {"scores": "scores/{method}/**/*", "rankings": "rankings/{method}-*.parquet"}
+# a method's files and its variants' (``trak@m20``: attribution.methods.variant_name)
+PER_METHOD = {"scores": ("scores/{method}/**/*", "scores/{method}@*/**/*"),
+              "rankings": ("rankings/{method}-*.parquet", "rankings/{method}@*-*.parquet")}
 
 
 def base_of(exp: Experiment) -> Experiment | None:
@@ -72,10 +74,12 @@ def stage_files(root: str | os.PathLike, stage: str) -> list[str]:
         if artifact in PER_METHOD:
             mine = [m for m in available_methods() if method_class(m).stage == stage]
             for method in mine:
-                out |= _visible(root, PER_METHOD[artifact].format(method=method))
+                for pattern in PER_METHOD[artifact]:
+                    out |= _visible(root, pattern.format(method=method))
             if producer_of(artifact) == stage:  # unknown methods' files (another version's)
                 others = [m for m in available_methods() if method_class(m).stage in available_stages()]
-                claimed = set().union(*(_visible(root, PER_METHOD[artifact].format(method=m)) for m in others))
+                claimed = set().union(*(_visible(root, pattern.format(method=m))
+                                        for m in others for pattern in PER_METHOD[artifact]))
                 out |= _visible(root, f"{ARTIFACTS[artifact]}/**/*") - claimed
         else:
             path = root / ARTIFACTS[artifact]

@@ -16,9 +16,9 @@ accuracy (train subset -> test subset):
   or reused in EXP-supervised; the paper's supervised-features ablation;
 - EfficientNet-Lite0, ImageNet-supervised, images resized to 224 (slow on CPU).
 
-Each ResNet row is shown with both feature taps of the embed stage (``[embed] features``):
-"pooled" (the global-average-pooled last stage) and "grid" (the third stage pooled to a
-4 x 4 grid; the quickstart's choice).
+Each ResNet row is shown with every feature tap of the embed stage (``[embed] features``):
+"pooled" (the global-average-pooled last stage), "grid" (the third stage pooled to a
+4 x 4 grid) and "grid2" (the second stage pooled to 4 x 4).
 
 Pretraining runs with the preset's pretrain.threads; --threads is for feature extraction.
 The trained rows note their steps, seconds and what stopped them (a "time_budget" stop
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         report("raw pixels", pixel_features(train), pixel_features(test), time.perf_counter() - start)
     def both_taps(spec, label, note, seed_first=None):
-        """The backbone's pooled features and its 4 x 4 grid of third-stage features (the
-        embed stage's ``features``), each from the same weights."""
+        """The backbone's pooled features and its 4 x 4 grids of third- and second-stage
+        features (the embed stage's ``features``), each from the same weights."""
         for features in FEATURE_TAPS:
             if seed_first is not None:
                 torch.manual_seed(seed_first)  # the same random weights for both taps

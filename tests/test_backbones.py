@@ -222,6 +222,26 @@ def test_grid_features_are_the_third_stage_pooled_to_4x4():
     assert "features" not in spec.to_dict() and grid.spec.to_dict()["features"] == "grid"
 
 
+def test_grid2_features_are_the_second_stage_pooled_to_4x4():
+    """features = "grid2": the second stage's map (14 x 14 px for a stride-1 stem on 28 px)
+    average-pooled to 4 x 4, from the same weights as the other taps."""
+    spec = BackboneSpec("resnet18", small_stem=True, in_channels=1, width=16, stem_stride=1)
+    torch.manual_seed(0)
+    pooled = load_backbone(spec)
+    grid2 = load_backbone(BackboneSpec(**{**spec.__dict__, "features": "grid2"}))
+    grid2.trunk.load_state_dict(pooled.trunk.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        t = pooled.trunk
+        second = t.layer2(t.layer1(t.relu(t.bn1(t.conv1(x)))))
+        assert second.shape[-1] == 14
+        expected = nn.functional.adaptive_avg_pool2d(second, 4).flatten(1)
+        out = grid2(x)
+    assert grid2.dim == 32 * 16 == out.shape[1] and torch.allclose(out, expected)
+    with pytest.raises(ValueError, match="'grid2' reads a ResNet's stage 2"):
+        BackboneSpec("efficientnet_lite0", features="grid2")
+
+
 def test_a_checkpoint_is_read_out_with_the_requested_features(tmp_path):
     """A project checkpoint brings its architecture, but the read-out (pooled or grid)
     is the caller's: embedding a pretrained checkpoint with features = "grid" gives grid

@@ -75,15 +75,23 @@ def test_each_model_sees_exactly_its_own_images_every_epoch(data):
     model = _Model(subset.positions, subset.labels, seed=9, config=stacked.config, lr_cache={})
     removed_positions = set(stacked.positions_of(train.ids[5:105]).tolist())
     relabelled = set(stacked.positions_of(train.ids[200:230]).tolist())
+    batch = stacked.config.batch_size
+    generator = torch.Generator().manual_seed(9)  # the module engine's order: one randperm per epoch
+    orders = []
     for epoch in range(3):
-        seen, labels = [], {}
-        for step in range(epoch * model.steps_per_epoch, (epoch + 1) * model.steps_per_epoch):
-            rows, y = model.batch(step, stacked.config.batch_size)
-            seen += rows.tolist()
-            labels.update(zip(rows.tolist(), y.tolist()))
+        rows, y, weight = model.epoch(batch)
+        assert rows.shape == y.shape == weight.shape == (model.steps_per_epoch, batch)
+        real = weight > 0
+        assert torch.allclose(weight.sum(1), torch.ones(model.steps_per_epoch))  # each batch: a mean over its rows
+        assert [model.rows_in(step, batch) for step in range(model.steps_per_epoch)] == real.sum(1).tolist()
+        seen = rows[real].tolist()
+        assert seen == subset.positions[torch.randperm(model.n, generator=generator).numpy()].tolist()
         assert sorted(seen) == sorted(subset.positions.tolist())  # each kept image once, no removed one
         assert not removed_positions & set(seen)
+        labels = dict(zip(seen, y[real].tolist()))
         assert all(labels[p] == 4 for p in relabelled)
+        orders.append(seen)
+    assert orders[0] != orders[1]  # a new order every epoch
     assert model.total == 3 * int(np.ceil(300 / 128))
     # the schedule is torch's: OneCycleLR warms lr up from lr/25 and cycles momentum down from 0.95
     lrs, momenta = schedule(stacked.config, model.steps_per_epoch)

@@ -1,6 +1,10 @@
 """Datamodels: seeded alpha-subset masks, the l1 regression on a planted sparse model, the
-"datamodels" method, and the stage with real Fashion-MNIST images on a real local Ray and
-in-process (outputs, resume after a crash, retry of a failed training)."""
+order of the zeros (entry order along the l1 path), the "datamodels" method, and the stage
+with real Fashion-MNIST images on a real local Ray and in-process (outputs, budgets as
+prefix-model variants with their seconds, resume after a crash, retry of a failed training)."""
+
+import dataclasses
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -14,6 +18,7 @@ from attribution.baselines.datamodels import (
     DatamodelRegression,
     heldout_split,
     margins_from_logits,
+    ranking_key,
     subset_mask,
     subset_masks,
 )
@@ -156,6 +161,113 @@ def test_the_datamodels_method_scores_are_the_coefficients():
         create_method("datamodels").fit(TrainingData(train_ids[:10], train_labels[:10], extra=train.extra))
 
 
+def graded(n_train=40, n_models=1500, noise=0.05, seed=0):
+    """Planted effects: 4 large ones (the lasso keeps them at a strong penalty) and a graded
+    ladder of small ones, 0.30 .. -0.30 in steps of 0.05 (the lasso leaves them at zero),
+    the remaining images without effect."""
+    rng = np.random.default_rng(seed)
+    masks = subset_masks(n_train, n_models, 0.5, seed)
+    w = np.zeros(n_train)
+    large, ladder = np.arange(4), np.arange(4, 17)
+    w[large] = [2.0, 1.5, -1.0, -2.5]
+    w[ladder] = np.linspace(0.30, -0.30, len(ladder))
+    order = rng.permutation(n_train)  # planted images at scattered ids, not in id order
+    w = w[np.argsort(order)]
+    margins = 1.0 + masks @ w + rng.normal(0, noise, n_models)
+    return masks, margins[:, None], w
+
+
+def entry_strengths(masks, margins, alphas):
+    """Independent of the project: the strength at which each image first becomes non-zero
+    along sklearn's l1 path of the centred problem (NaN: never within ``alphas``)."""
+    from sklearn.linear_model import lasso_path
+
+    x = masks.astype(np.float64) - masks.mean(axis=0)
+    y = margins[:, 0] - margins[:, 0].mean()
+    _, coefs, _ = lasso_path(x, y, alphas=alphas, max_iter=5000, tol=1e-8)
+    entered = np.full(masks.shape[1], np.nan)
+    for j, alpha in enumerate(alphas):  # descending
+        new = np.isnan(entered) & (coefs[:, j] != 0)
+        entered[new] = alpha
+    return entered, np.sign(coefs[:, -1])
+
+
+def test_zeros_are_ranked_by_their_signed_entry_along_the_l1_path():
+    """The stated rule on a hand-made case: non-zero coefficients keep their order and values;
+    the zeros sit between the positive and the negative ones, ordered by the strength at
+    which they enter the path (earlier = higher if positive, lower if negative)."""
+    masks, margins, w = graded()
+    alpha = 0.1  # keeps the four large effects (|effect| / 4 >= 0.25), zeroes the ladder (<= 0.075)
+    model = DatamodelRegression(alphas=[alpha], seed=0, tol=1e-8, max_iter=5000).fit(masks, margins)
+    coef, corr = model.coef_[0], model.residual_correlation_[0]
+    nonzero = np.flatnonzero(coef)
+    assert set(nonzero) == set(np.flatnonzero(np.abs(w) >= 1.0)), "the strong penalty keeps the large effects"
+    # the correlation is the lasso's own: x^T (y - X coef) / n on the centred refit, <= alpha at the zeros
+    x = masks - masks.mean(axis=0)
+    y = margins[:, 0] - margins[:, 0].mean()
+    np.testing.assert_allclose(corr, x.T @ (y - x @ coef) / len(y), atol=1e-12)
+    assert np.abs(corr[coef == 0]).max() <= alpha * (1 + 1e-6)
+    np.testing.assert_allclose(corr[nonzero], alpha * np.sign(coef[nonzero]), atol=1e-5)  # KKT at the active set
+
+    key = ranking_key(coef.astype(np.float32), corr.astype(np.float32))[0]
+    np.testing.assert_array_equal(key[nonzero], coef.astype(np.float32)[nonzero].astype(np.float64))
+    positive_min, negative_max = coef[coef > 0].min(), coef[coef < 0].max()
+    assert (key[coef == 0] < positive_min).all() and (key[coef == 0] > negative_max).all()
+
+    # the rule against sklearn's path continued below alpha: each ladder image enters in the
+    # order of its key among the zeros (positives from the top, negatives from the bottom)
+    ladder = np.flatnonzero((np.abs(w) > 0.01) & (np.abs(w) < 1.0))
+    entered, sign = entry_strengths(masks, margins, np.geomspace(alpha, alpha * 1e-2, 200))
+    assert not np.isnan(entered[ladder]).any(), "every ladder image enters the continued path"
+    np.testing.assert_array_equal(sign[ladder], np.sign(w[ladder]))
+    path_order = ladder[np.lexsort((ladder, -(sign[ladder] * entered[ladder])))]  # signed entry strength
+    key_order = ladder[np.argsort(-key[ladder], kind="stable")]
+    np.testing.assert_array_equal(key_order, path_order)
+    np.testing.assert_array_equal(key_order, ladder[np.argsort(-w[ladder])])  # = the planted effects' order
+
+    # the method's block: scores are the coefficients, the ranking follows the key; deterministic
+    train_ids = np.arange(len(w), dtype=np.int64) * 7 + 3
+    train = TrainingData(train_ids, np.zeros(len(w), np.int64), extra={
+        "masks": masks, "margins": margins.astype(np.float32), "target_ids": np.array([5])})
+    rankings = []
+    for _ in range(2):
+        method = create_method("datamodels", n_alphas=2, eps=0.5, seed=0)
+        method.regression = lambda: DatamodelRegression(alphas=[alpha], seed=0, tol=1e-8, max_iter=5000)
+        block = method.fit(train).score(Targets([5], [0]))
+        np.testing.assert_array_equal(block.values[0], coef.astype(np.float32))
+        rankings.append(rank_block(block, len(w)).to_pandas())
+    pd.testing.assert_frame_equal(rankings[0], rankings[1])
+    ranked = rankings[0]["train_id"].to_numpy()
+    expected = train_ids[np.lexsort((train_ids, -key))]
+    np.testing.assert_array_equal(ranked, expected)
+    positives = np.sum(coef > 0)
+    np.testing.assert_array_equal(ranked[:positives], train_ids[nonzero][np.argsort(-coef[nonzero])][:positives])
+    np.testing.assert_array_equal(rankings[0]["score"].to_numpy()[positives:positives + 5], 0.0)  # scores untouched
+    # zero_order="id": the zeros in id order instead (the plain sort)
+    method = create_method("datamodels", zero_order="id")
+    method.regression = lambda: DatamodelRegression(alphas=[alpha], seed=0, tol=1e-8, max_iter=5000)
+    plain = rank_block(method.fit(train).score(Targets([5], [0])), len(w)).to_pandas()["train_id"].to_numpy()
+    zeros = plain[positives:positives + int((coef == 0).sum())]
+    np.testing.assert_array_equal(zeros, np.sort(zeros))
+    assert not np.array_equal(plain, ranked)
+    with pytest.raises(ValueError, match="zero_order"):
+        create_method("datamodels", zero_order="ridge")
+
+
+def test_ranking_key_edge_cases():
+    # an all-zero row: the zeros in correlation order; a row without zeros: the coefficients
+    key = ranking_key(np.zeros((1, 4), np.float32), np.array([[0.1, -0.3, 0.2, 0.0]], np.float32))
+    assert np.argsort(-key[0]).tolist() == [2, 0, 3, 1]
+    full = np.array([[0.5, -0.25, 1.0]], np.float32)
+    np.testing.assert_array_equal(ranking_key(full, np.ones((1, 3))), full.astype(np.float64))
+    # tiny non-zero coefficients still bound the zeros' keys
+    coef = np.array([[1e-7, 0.0, -1e-7, 0.0]], np.float32)
+    key = ranking_key(coef, np.array([[9.0, 5.0, -9.0, -4.0]]))
+    assert np.argsort(-key[0]).tolist() == [0, 1, 3, 2]
+    with pytest.raises(ValueError, match="same shape"):
+        ranking_key(coef, np.zeros((1, 3)))
+
+
 def test_rankings_from_coefficients():
     """Rankings derived from a coefficient block: ties (the many zeros of a sparse fit) by id;
     with same_class only the target's class is ranked."""
@@ -180,6 +292,17 @@ def test_settings_are_validated_by_name():
         DatamodelSettings.from_preset({"datamodels": {"lds_models": 2}})
     with pytest.raises(SettingsError, match=r"datamodels.alpha must be in \(0.0, 1.0\)"):
         DatamodelSettings.from_preset({"datamodels": {"alpha": 1.0}})
+    with pytest.raises(SettingsError, match=r"budgets.*exceed models"):
+        DatamodelSettings.from_preset({"datamodels": {"models": 100, "budgets": [50, 200]}})
+    with pytest.raises(SettingsError, match="budgets = 5 .* held-out"):
+        DatamodelSettings.from_preset({"datamodels": {"models": 100, "budgets": [5]}})
+    with pytest.raises(SettingsError, match="twice"):
+        DatamodelSettings.from_preset({"datamodels": {"models": 100, "budgets": [50, 50]}})
+    with pytest.raises(SettingsError, match="zero_order"):
+        DatamodelSettings.from_preset({"datamodels": {"zero_order": "ridge"}})
+    budgeted = DatamodelSettings.from_preset({"datamodels": {"models": 100, "budgets": [100, 50, 20]}})
+    assert budgeted.variants() == [("datamodels@n20", 20), ("datamodels@n50", 50), ("datamodels", 100)]
+    assert DatamodelSettings.from_preset({}).variants() == [("datamodels", 400)]
     with pytest.raises(SettingsError, match="datamodels.max_retries must be >= 0"):
         parse_settings({"datamodels": {"max_retries": -1}})  # refused when the whole preset is parsed
     settings = DatamodelSettings.from_preset({"seed": 3, "datamodels": {"lr": 0.05}})
@@ -303,13 +426,111 @@ def test_stage_writes_tables_that_metrics_load(clean, setting):
                                           stored.sort_values("train_id")["coef"].to_numpy())
             assert np.count_nonzero(row) == len(stored)
         ranked = rankings[rankings.target_id.isin(block.target_ids)].reset_index(drop=True)
-        pd.testing.assert_frame_equal(rank_block(block, 40).to_pandas(), ranked)
-    table = lds_table(load_rankings(exp).to_pandas(), data, n_boot=50)
-    assert set(table["method"]) == {"random", "datamodels"} and (table["n_models"] == LDS_MODELS).all()
+        # the ranking's order: the coefficients, the zeros by their stored entry strength
+        keyed = dataclasses.replace(block, exact=ranking_key(block.values, entry_correlations(exp, block)).ravel())
+        pd.testing.assert_frame_equal(rank_block(keyed, 40).to_pandas(), ranked)
+        by_id = rank_block(block, 40).to_pandas()
+        zeros = ranked["score"].to_numpy() == 0
+        if zeros.sum() > 2:  # the zeros are not in id order (they were before the entry key)
+            assert not by_id["train_id"].equals(ranked["train_id"])
+    table = lds_table(store, data, n_boot=50)  # from the full score vectors
+    assert set(table["method"]) == {"datamodels"} and (table["n_models"] == LDS_MODELS).all()
     # manifest: what the cost table and the report read
     entry = exp.manifest()["datamodels"]
     assert entry["models"] == MODELS and entry["alpha"] == 0.5 and entry["seconds"] > 0
     assert entry["reused"] is False and "alpha_median" in entry["regularisation"]
+    assert entry["regularisation"]["nonzero_median"] == per_target["n_nonzero"].median()
+    assert entry["regularisation"]["nonzero_max"] == per_target["n_nonzero"].max()
+    assert entry["zero_order"] == "entry" and entry["budgets"] == []
+    assert set(entry["method_seconds"]) == {"datamodels"}
+    assert 0 < entry["method_seconds"]["datamodels"] <= entry["seconds"]  # the LDS models are not its cost
+
+
+def entry_correlations(exp, block, folder="regressions"):
+    """(targets, n_train) residual correlations of a block's targets, from entry-classNNN."""
+    table = pd.concat(pd.read_parquet(p) for p in (exp.root / "datamodels" / folder).glob("entry-*"))
+    by_target = dict(zip(table["target_id"], table["correlation"]))
+    return np.stack([np.asarray(by_target[int(t)], np.float32) for t in block.target_ids])
+
+
+def fit_models(exp, n_models):
+    """(masks, margins, target_ids) of models 0 .. n_models-1 from the long tables."""
+    masks = pd.read_parquet(exp.root / "datamodels" / "masks.parquet")
+    train_ids = ScoreStore(exp.scores).train_ids()
+    dense = np.zeros((n_models, len(train_ids)), bool)
+    masks = masks[masks.model_id < n_models]
+    dense[masks["model_id"].to_numpy(), np.searchsorted(train_ids, masks["train_id"].to_numpy())] = True
+    margins = margins_table(exp).pivot(index="model_id", columns="target_id", values="margin")
+    return dense, margins.loc[range(n_models)].to_numpy(np.float32), margins.columns.to_numpy(), train_ids
+
+
+def test_budgets_are_prefix_variants_with_their_seconds_and_resume(clean, tmp_path):
+    """budgets = [8, 16]: datamodels@n8 and @n16 are fitted on the first 8 / 16 models (no
+    training: the models are there), with their own blocks, rankings and seconds; a rerun
+    redoes only a deleted unit of one variant, and the same."""
+    from attribution.ranking import load_rankings
+
+    base, _ = clean
+    root = tmp_path / "budgets"
+    shutil.copytree(base.root, root, ignore=shutil.ignore_patterns(".lock"))
+    exp = Experiment(root)
+    summary = stage(exp, InProcessRuntime(), budgets=(16, 8))()
+    assert summary["trained_this_run"] == 0 and summary["variants"] == ["datamodels@n8", "datamodels@n16", "datamodels"]
+    classes = len(ScoreStore(exp.scores).block_names("datamodels"))
+    assert summary["reused_files"] == classes and summary["computed_files"] == 2 * classes  # plain kept as it was
+    store = ScoreStore(exp.scores)
+    settings = DatamodelSettings.from_preset(preset(budgets=(16, 8)))
+    train_ids = store.train_ids()
+    train = load_dataset("fashion-mnist", "train", n_per_class=TRAIN_PER_CLASS, seed=0)
+    labels = dict(zip(train.ids.tolist(), train.labels.tolist()))
+    for name, n in (("datamodels@n8", 8), ("datamodels@n16", 16)):
+        masks, margins, target_ids, _ = fit_models(exp, n)
+        block = next(store.blocks(name))
+        cols = [int(np.flatnonzero(target_ids == t)[0]) for t in block.target_ids]
+        method = create_method("datamodels", **settings.method_params())
+        method.fit(TrainingData(train_ids, np.array([labels[int(i)] for i in train_ids]), extra={
+            "masks": masks, "margins": margins[:, cols], "target_ids": block.target_ids}))
+        np.testing.assert_array_equal(block.values, method.coef_)  # the prefix models' regression
+        ranking = load_rankings(exp, name).to_pandas()
+        assert set(ranking["method"]) == {name} and ranking["target_id"].nunique() == len(target_ids)
+        assert (exp.root / "datamodels" / f"regressions@n{n}" / f"entry-class{block.target_labels[0]:03d}.parquet"
+                ).exists()
+    plain = next(store.blocks("datamodels"))
+    assert not np.array_equal(next(store.blocks("datamodels@n8")).values, plain.values)
+
+    # seconds: each variant's models' share of the training wall time + its regressions
+    entry = exp.manifest()["datamodels"]
+    parts = read_dataset(exp.root / "datamodels" / "models").to_pandas().set_index("model_id")["seconds"]
+    factor = entry["training_wall_per_worker_second"]
+    assert factor == base.manifest()["datamodels"]["training_wall_per_worker_second"] > 0  # from the training run
+    assert set(entry["method_seconds"]) == {"datamodels@n8", "datamodels@n16", "datamodels"}
+    for name, n in (("datamodels@n8", 8), ("datamodels@n16", 16), ("datamodels", MODELS)):
+        variant = entry["variants"][name]
+        assert variant["models"] == n and variant["nonzero_min"] <= variant["nonzero_median"] <= variant["nonzero_max"]
+        assert variant["training_seconds"] == pytest.approx(factor * parts.loc[range(n)].sum(), abs=0.051)
+        assert entry["method_seconds"][name] == pytest.approx(
+            variant["training_seconds"] + variant["regression_seconds"], abs=0.11)
+    seconds = entry["method_seconds"]
+    assert seconds["datamodels@n8"] < seconds["datamodels@n16"] < seconds["datamodels"]
+
+    # resume per variant and class: a lost ranking is derived again from the stored scores
+    # and entry strengths, a lost score block is refitted; both the same as before
+    before = {name: load_rankings(exp, name).to_pandas() for name in summary["variants"]}
+    label = int(plain.target_labels[0])
+    (exp.rankings / f"datamodels@n8-class{label:03d}.parquet").unlink()
+    store.block_path("datamodels@n16", f"class{label:03d}").unlink()
+    again = stage(exp, InProcessRuntime(), budgets=(8, 16))()
+    assert again["trained_this_run"] == 0 and again["computed_files"] == 2
+    # a variant left alone keeps the seconds of the run that computed it
+    assert exp.manifest()["datamodels"]["method_seconds"]["datamodels"] == seconds["datamodels"]
+    assert again["reused_files"] == 3 * classes - 2
+    for name, frame in before.items():
+        pd.testing.assert_frame_equal(load_rankings(exp, name).to_pandas(), frame)
+    with pytest.warns(UserWarning, match=r"datamodels@n8.*not among datamodels.budgets"):
+        stage(exp, None, budgets=(16,))()  # a dropped budget's files stay, with a warning
+    quiet = stage(exp, None, budgets=(8, 16))()  # nothing to do: no pool needed
+    assert quiet["computed_files"] == 0 and quiet["method_seconds"] == again["method_seconds"]
+    assert exp.manifest()["datamodels"]["method_seconds"] == again["method_seconds"]
 
 
 def test_margins_are_those_of_a_model_trained_on_the_subset(clean, setting, torch_threads):

@@ -184,36 +184,167 @@ def test_lds_shape_errors_name_the_shapes():
         M.lds(masks[:5], margins, scores)
 
 
-def test_scores_matrix_fills_unlisted_with_min_and_rejects_foreign_ids():
-    ranks = pd.DataFrame({"target_id": [7, 7, 8], "method": ["esvm"] * 3, "rank": [0, 1, 0],
-                          "train_id": [3, 1, 2], "score": [-0.5, -2.0, 4.0]})
-    out = M.scores_matrix(ranks, "esvm", [7, 8, 9], [1, 2, 3, 4])
-    np.testing.assert_allclose(out, [[-2.0, -2.0, -0.5, -2.0], [4.0, 4.0, 4.0, 4.0], [0, 0, 0, 0]])
-    out0 = M.scores_matrix(ranks, "esvm", [7], [1, 2, 3], fill=0.0)
-    np.testing.assert_allclose(out0, [[-2.0, 0.0, -0.5]])
-    with pytest.raises(ValueError, match="do not cover"):
-        M.scores_matrix(ranks, "esvm", [7], [1, 2])
+def write_planted_store(root, true_scores, train_ids, target_ids, *, blocks=2, extra=None):
+    """A score store holding ``true_scores`` as method "trak" in ``blocks`` blocks, and
+    ``extra`` ({method: (values, candidates)}) as further methods, block "b0" each."""
+    from attribution.methods.base import ScoreBlock
+    from attribution.scores import ScoreStore
+
+    store = ScoreStore(root / "scores")
+    labels = np.zeros(len(target_ids), np.int64)
+    for part in np.array_split(np.arange(len(target_ids)), blocks):
+        store.write(ScoreBlock("trak", target_ids[part], labels[part], train_ids, true_scores[part]), f"b{part[0]}", {})
+    for method, (values, candidates) in (extra or {}).items():
+        store.write(ScoreBlock(method, target_ids, labels, train_ids, values, candidates), "b0", {})
+    return store
 
 
-def test_load_lds_data_and_lds_table_from_long_parquet(tmp_path):
-    masks, margins, true_scores, _ = planted(n_models=60, n_train=30, n_targets=3, noise=0.01, seed=5)
-    train_ids, target_ids = np.arange(100, 130), np.array([900, 901, 902])
+def write_lds_files(root, masks, margins, train_ids, target_ids):
     model, item = np.nonzero(masks)
-    (tmp_path / "lds").mkdir()
-    pd.DataFrame({"model_id": model, "train_id": train_ids[item]}).to_parquet(tmp_path / "lds" / "masks.parquet")
-    mm, tt = np.meshgrid(np.arange(60), np.arange(3), indexing="ij")
+    (root / "lds").mkdir()
+    pd.DataFrame({"model_id": model, "train_id": train_ids[item]}).to_parquet(root / "lds" / "masks.parquet")
+    mm, tt = np.meshgrid(np.arange(len(masks)), np.arange(len(target_ids)), indexing="ij")
     pd.DataFrame({"model_id": mm.ravel(), "target_id": target_ids[tt.ravel()],
-                  "margin": margins.ravel()}).to_parquet(tmp_path / "lds" / "margins.parquet")
+                  "margin": margins.ravel()}).to_parquet(root / "lds" / "margins.parquet")
+
+
+def test_load_lds_data_and_lds_table_from_the_score_store(tmp_path):
+    masks, margins, true_scores, rng = planted(n_models=60, n_train=30, n_targets=3, noise=0.01, seed=5)
+    train_ids, target_ids = np.arange(100, 130), np.array([900, 901, 902])
+    write_lds_files(tmp_path, masks, margins, train_ids, target_ids)
     data = M.load_lds_data(tmp_path)
     assert data.source == "lds" and data.masks.shape == (60, 30)
     np.testing.assert_array_equal(data.masks, masks)
-    # full (untruncated) rankings of the true scores: LDS ~ 1
-    rows = [(target_ids[t], "trak", r, train_ids[i], true_scores[t, i])
-            for t in range(3) for r, i in enumerate(np.argsort(-true_scores[t]))]
-    ranks = pd.DataFrame(rows, columns=["target_id", "method", "rank", "train_id", "score"])
-    table = M.lds_table(ranks, data, n_boot=50)
-    assert table.iloc[0].method == "trak" and table.iloc[0].lds > 0.97
+    # the store scores two more training images than the models saw (no model saw them: mask False)
+    wide_ids = np.concatenate([train_ids, [500, 501]])
+    wide = np.concatenate([true_scores, np.full((3, 2), 1e6)], axis=1).astype(np.float32)
+    negated = -wide
+    zero = np.zeros_like(wide)
+    zero[1:, :5] = 1.0
+    store = write_planted_store(tmp_path, wide, wide_ids, target_ids,
+                                extra={"l2": (negated, None), "datamodels": (zero, None)})
+    table = M.lds_table(store, data, n_boot=50).set_index("method")
+    assert table.loc["trak", "lds"] > 0.97 and table.loc["l2", "lds"] < -0.97  # the sign is kept
+    assert (table["n_targets"] == 3).all() and (table["n_models"] == 60).all()
+    # datamodels' first target has no coefficient: a constant prediction counts 0, not missing
+    per = M.lds_per_target(store, data).set_index(["method", "target_id"])
+    assert per.loc[("datamodels", 900), "constant"] and np.isnan(per.loc[("datamodels", 900), "lds"])
+    assert table.loc["datamodels", "n_constant"] == 1
+    assert table.loc["datamodels", "lds"] == pytest.approx(
+        (per.loc[("datamodels", 901), "lds"] + per.loc[("datamodels", 902), "lds"]) / 3)
+    # a path works as well as a store; rankings are refused (LDS needs the full scores)
+    assert M.lds_table(tmp_path / "scores", data, n_boot=50).set_index("method").loc["trak", "lds"] == \
+        pytest.approx(table.loc["trak", "lds"])
+    with pytest.raises(TypeError, match="full score vectors, not from"):
+        M.lds_table(pd.DataFrame({"method": ["trak"]}), data)
     assert M.load_lds_data(tmp_path / "nothing") is None
+
+
+def test_lds_table_pairs_targets_and_lists_methods_without_lds_targets(tmp_path, monkeypatch):
+    masks, margins, true_scores, rng = planted(n_models=30, n_train=20, n_targets=4, noise=1.0, seed=2)
+    train_ids, target_ids = np.arange(20), np.array([10, 11, 12, 13])
+    write_lds_files(tmp_path, masks, margins, train_ids, target_ids)
+    store = write_planted_store(tmp_path, true_scores.astype(np.float32), train_ids, target_ids)
+    from attribution.methods.base import ScoreBlock
+
+    # esvm scored only targets 11 and 12 (and 99, which has no margins); l2 none of the LDS targets
+    noisy = (true_scores[1:3] + rng.normal(size=(2, 20))).astype(np.float32)
+    store.write(ScoreBlock("esvm", [11, 12], [0, 0], train_ids, noisy), "b0", {})
+    store.write(ScoreBlock("esvm", [99], [0], train_ids, noisy[:1]), "b1", {})
+    store.write(ScoreBlock("l2", [98], [0], train_ids, noisy[:1]), "b0", {})
+    data = M.load_lds_data(tmp_path)
+    table = M.lds_table(store, data, n_boot=50).set_index("method")
+    assert table.loc["trak", "n_scored"] == 4 and table.loc["esvm", "n_scored"] == 2
+    assert table.loc["trak", "n_targets"] == table.loc["esvm", "n_targets"] == 2  # paired on 11 and 12
+    rho = [spearmanr(masks @ true_scores[t], margins[:, t]).statistic for t in (1, 2)]
+    assert table.loc["trak", "lds"] == pytest.approx(np.mean(rho))
+    assert table.loc["l2", "n_scored"] == 0 and np.isnan(table.loc["l2", "lds"])
+    # memory: LDS reads the store one block at a time (never all targets of all methods)
+    sizes = []
+    original = type(store).blocks
+
+    def spy(self, method):
+        for block in original(self, method):
+            sizes.append(block.values.shape[0])
+            yield block
+
+    monkeypatch.setattr(type(store), "blocks", spy)
+    M.lds_per_target(store, data)
+    assert max(sizes) == 2 and len(sizes) == 5
+
+
+def test_lds_refuses_models_trained_on_images_the_store_does_not_score(tmp_path):
+    masks, margins, true_scores, _ = planted(n_models=10, n_train=8, n_targets=2, seed=1)
+    write_lds_files(tmp_path, masks, margins, np.arange(8), np.array([5, 6]))
+    store = write_planted_store(tmp_path, true_scores[:, :6].astype(np.float32), np.arange(6), np.array([5, 6]),
+                                blocks=1)
+    with pytest.raises(ValueError, match="saw training ids .* that the score store does not score"):
+        M.lds_table(store, M.load_lds_data(tmp_path))
+
+
+def test_score_summary_counts_non_zeros_and_reads_the_outside_policy(tmp_path):
+    from attribution.methods import fill_outside
+
+    train_ids, target_ids = np.arange(10), np.array([1, 2])
+    candidates = np.zeros((2, 10), bool)
+    candidates[:, :4] = True
+    esvm = np.zeros((2, 10), np.float32)
+    esvm[0, :4] = [3, -1, 0, 2]
+    esvm[1, :4] = [1, 0, 0, 5]
+    dm = np.zeros((2, 10), np.float32)
+    dm[0, [2, 7]] = [0.5, -0.1]
+    store = write_planted_store(tmp_path, np.ones((2, 10), np.float32), train_ids, target_ids, blocks=1,
+                                extra={"esvm": (fill_outside(esvm, candidates), candidates), "datamodels": (dm, None)})
+    table = M.score_summary(store).set_index("method")
+    assert table.loc["esvm", "candidates_median"] == 4 and table.loc["esvm", "n_train"] == 10
+    assert (table.loc["esvm", "nonzero_median"], table.loc["esvm", "nonzero_min"]) == (2.5, 2)  # 3 and 2
+    assert table.loc["esvm", "observed_outside"].startswith("min") and table.loc["esvm", "outside"] == "min"
+    assert bool(table.loc["esvm", "class_restricted"]) is True
+    assert (table.loc["datamodels", "nonzero_median"], table.loc["datamodels", "nonzero_min"]) == (1.0, 0)
+    assert table.loc["datamodels", "observed_outside"].startswith("none outside")
+    assert table.loc["trak", "distinct_median"] == 1
+
+
+def test_ranking_ties_and_warnings_by_hand():
+    rows = []
+    # esvm: strict order; datamodels: 2 non-zero then 6 zeros (5 of 7 pairs tie at zero)
+    for t in (1, 2):
+        rows += [(t, "esvm", r, 100 + r, 10.0 - r) for r in range(8)]
+        rows += [(t, "datamodels", r, 200 + r, [0.9, 0.4, 0, 0, 0, 0, 0, 0][r]) for r in range(8)]
+    ranks = pd.DataFrame(rows, columns=["target_id", "method", "rank", "train_id", "score"])
+    ties = M.ranking_ties(ranks).set_index("method")
+    assert ties.loc["esvm", "tied_median"] == 0 and ties.loc["datamodels", "tied_median"] == pytest.approx(5 / 7)
+    assert ties.loc["datamodels", "first_tie_median"] == 2 and ties.loc["datamodels", "mostly_tied"] == 2
+    assert ties.loc["datamodels", "ties_in_id_order"] == 1.0 and np.isnan(ties.loc["esvm", "ties_in_id_order"])
+    assert M.tied_fraction([1.0]) != M.tied_fraction([1.0])  # nan: no pair
+    warnings = M.tie_warnings(ties.reset_index())
+    assert len(warnings) == 1 and warnings[0].startswith("**warning**: datamodels's rankings are mostly ties")
+    stats = pd.DataFrame({"method": ["esvm"], "nonzero_median": [3.0], "candidates_median": [300.0],
+                          "nonzero_min": [1]})
+    warned = M.tie_warnings(ties.reset_index(), stats)  # esvm: 3 non-zero scores for 8 ranked positions
+    assert any("esvm's rankings" in w and "median of 3 non-zero scores of 300" in w for w in warned)
+    assert "tied images are in train-id order" in warnings[0]
+    # ties broken by a key of the method's own (e.g. datamodels' entry order): said so, not "id order"
+    keyed = ranks.copy()
+    zeros = (keyed.method == "datamodels") & (keyed["rank"] >= 2)
+    keyed.loc[zeros, "train_id"] = 300 - keyed.loc[zeros, "rank"]
+    keyed_ties = M.ranking_ties(keyed).set_index("method")
+    assert keyed_ties.loc["datamodels", "ties_in_id_order"] == 0.0
+    assert "a key of its own" in M.tie_warnings(keyed_ties.reset_index())[0]
+
+
+def test_frontier_table_joins_cost_support_and_lds_and_lists_what_is_missing():
+    costs = pd.DataFrame({"method": ["trak", "trak@m1", "esvm"], "seconds": [900.0, 200.0, None],
+                          "missing_stages": ["", "", "rank"], "complete": [True, False, False]})
+    summary = pd.DataFrame({"method": ["trak", "trak", "trak@m1"], "mode": ["removal", "mislabel", "removal"],
+                            "auc": [0.5, 0.4, 0.2], "auc_low": [0.4, 0.3, 0.1], "auc_high": [0.6, 0.5, 0.3]})
+    lds = pd.DataFrame({"method": ["trak", "esvm"], "lds": [0.3, 0.1], "lds_low": [0.2, 0.0], "lds_high": [0.4, 0.2]})
+    table = M.frontier_table(["esvm", "trak@m1", "trak"], costs, summary, lds).set_index("method")
+    assert list(table.index) == ["esvm", "trak", "trak@m1"] and table.loc["trak@m1", "base"] == "trak"
+    assert table.loc["trak", "removal"] == 0.5 and table.loc["trak", "mislabel_high"] == 0.5
+    assert table.loc["trak", "lds"] == 0.3 and table.loc["trak", "missing"] == ""
+    assert table.loc["trak@m1", "missing"] == "mislabel, lds" and table.loc["trak@m1", "cost_complete"]
+    assert table.loc["esvm", "missing"] == "removal, mislabel, compute" and np.isnan(table.loc["esvm", "seconds"])
 
 
 # ----------------------------------------------------------------------------- bootstrap

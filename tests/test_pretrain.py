@@ -307,3 +307,40 @@ def test_knn_on_separable_features():
     assert knn_predict(train, train_labels, test[:4], k=1, weighting="uniform").tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="weighting"):
         knn_predict(train, train_labels, test, weighting="cosine")
+
+
+def test_symmetric_loss_queries_both_views_and_enqueues_both_keys(images):
+    """Symmetric MoCo: every view is a query, so each step enqueues 2 x batch keys; it is
+    seeded like the one-sided loss and trains other weights than it."""
+    symmetric = MocoPretrainer(seed=0, symmetric=True, **TINY).fit(images)
+    again = MocoPretrainer(seed=0, symmetric=True, **TINY).fit(images)
+    one_sided = MocoPretrainer(seed=0, **TINY).fit(images)
+    assert symmetric._queue_ptr == (3 * 2 * 8) % 32 and one_sided._queue_ptr == (3 * 8) % 32
+    assert symmetric.loss_history_ == again.loss_history_
+    assert symmetric.loss_history_[0] != one_sided.loss_history_[0]
+    assert symmetric.get_params()["symmetric"] is True and "symmetric" not in one_sided.get_params()
+    with pytest.raises(ValueError, match="symmetric must be True or False"):
+        MocoPretrainer(symmetric="yes", max_steps=1)
+
+
+def test_head_bn_puts_batchnorm_in_the_projection_head(images):
+    """head_bn: the MoCo v3-style head (BatchNorm after both layers; the last without affine
+    parameters); the backbone saved is the same architecture either way."""
+    with_bn = MocoPretrainer(seed=0, head_bn=True, **TINY).fit(images)
+    norms = [m for m in with_bn.network_.query.head if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == 2 and norms[0].affine and not norms[1].affine
+    assert all(np.isfinite(with_bn.loss_history_))
+    plain = MocoPretrainer(seed=0, **TINY).fit(images)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.network_.query.head)
+    assert trunk_weights(with_bn).keys() == trunk_weights(plain).keys()
+    assert not torch.equal(trunk_weights(with_bn)["conv1.weight"], trunk_weights(plain)["conv1.weight"])
+
+
+def test_new_moco_options_key_the_checkpoint_only_when_set():
+    sections = parse_settings(tiny_preset(symmetric=True, head_bn=True))
+    settings = sections["pretrain"].checkpoint_settings(sections.data, in_channels=1)
+    assert settings["symmetric"] is True and settings["head_bn"] is True
+    pretrainer = sections["pretrain"].pretrainer(1, progress=False)
+    assert pretrainer.symmetric and pretrainer.head_bn
+    supervised = parse_settings(tiny_preset(objective="supervised", symmetric=True))
+    assert "symmetric" not in supervised["pretrain"].checkpoint_settings(supervised.data, in_channels=1)

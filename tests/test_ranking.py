@@ -273,6 +273,48 @@ def test_esvm_scores_are_the_solver_decision_values(fitted, monkeypatch):
     np.testing.assert_array_equal(rank_block(tied, 300)["train_id"].to_numpy(), np.sort(train.ids)[:300])
 
 
+def test_esvm_negative_scores_other_classes_by_likeness(fitted):
+    """esvm@negative: the same-class scores are esvm's; the other-class images score <= 0
+    and below the target's candidates: its class-size nearest other-class images graded by
+    an ESVM against them (more target-like = lower, with the candidates' spread), the rest
+    at the neutral floor."""
+    from scipy.stats import spearmanr
+
+    train, targets, fit = fitted
+    rows = np.array([0, 1, 7])  # two targets of one class, one of another
+    esvm = fit("esvm", solver="sklearn").score(targets.take(rows))
+    negative = fit("esvm", solver="sklearn", negative_influence=True).score(targets.take(rows))
+    assert negative.method == "esvm"
+    np.testing.assert_array_equal(negative.candidates, esvm.candidates)
+    cand = esvm.candidates
+    np.testing.assert_array_equal(negative.values[cand], esvm.values[cand])  # same-class: esvm's scores
+    np.testing.assert_array_equal(rank_block(negative, TOP_K).to_pandas()["train_id"],
+                                  rank_block(esvm, TOP_K).to_pandas()["train_id"])  # so: the same ranking
+    solver = get_solver("sklearn")
+    for i, row in enumerate(rows):
+        others = np.flatnonzero(~cand[i])
+        k = int(cand[i].sum())  # the class size
+        assert len(others) == len(train.ids) - k > k
+        values = negative.values[i, others]
+        floor = min(0.0, float(esvm.values[i, cand[i]].min()))
+        # other classes: negative, below every candidate
+        assert (values <= 0).all() and values.max() <= negative.values[i, cand[i]].min()
+        # the k nearest other-class images (brute-force l2) are graded, the rest sit at the floor
+        distance = ((train.features[others] - targets.features[row]) ** 2).sum(1)
+        near = np.zeros(len(others), bool)
+        near[np.lexsort((train.ids[others], distance))[:k]] = True
+        np.testing.assert_allclose(values[~near], floor, rtol=1e-6)
+        likeness = solver.decision_values(targets.features[row:row + 1], train.features[others[near]])[0]
+        assert spearmanr(likeness, values[near])[0] > -1.001 and spearmanr(likeness, values[near])[0] < -0.999
+        assert np.argmin(values[near]) == np.argmax(likeness)
+        np.testing.assert_allclose(np.ptp(values[near]), np.ptp(esvm.values[i, cand[i]]), rtol=1e-5)
+        np.testing.assert_allclose(values[near].max(), floor, rtol=1e-6)
+    with pytest.raises(ValueError, match="negative_influence"):
+        create_method("esvm", negative_influence=True, same_class=False)
+    with pytest.raises(ValueError, match="negative_neighbours"):
+        create_method("esvm", negative_influence=True, negative_neighbours=0)
+
+
 def test_max_candidates_and_all_classes(fitted, data):
     train, targets, fit = fitted
     rows = np.arange(4)
@@ -627,3 +669,37 @@ def test_stage_on_ray_equals_in_process_and_resumes_through_the_cli(ray_runtime,
     assert pq.read_table(victim).equals(victim_content)
     assert main(["rank", "--exp", str(exp.root), "--preset", str(preset_path), "--set", "rank.seed=4",
                  "--set", "rank.methods=[\"random\"]"]) == 2
+
+
+def test_stage_writes_esvm_negative_as_score_blocks_only(tmp_path, data):
+    """rank.esvm_negative: scores/esvm@negative/ beside esvm's, no rankings; resumed per class."""
+    exp = new_exp(tmp_path / "exp", data)
+    options = {"methods": ["esvm"], "solver": "batched", "targets": 6, "esvm_negative": True}
+    summary = rank_stage(exp, **options)()
+    store = ScoreStore(exp.scores)
+    assert sorted(store.methods()) == ["esvm", "esvm@negative"]
+    assert not list(exp.rankings.glob("esvm@negative*"))  # score-only: the support search would repeat esvm's
+    manifest = exp.manifest()["rank"]
+    assert manifest["score_variants"] == ["esvm@negative"] and summary["computed_files"] == len(manifest["computed_files"])
+    names = store.block_names("esvm")
+    assert names and store.block_names("esvm@negative") == names
+    assert sum(f.startswith("scores/esvm@negative/") for f in manifest["computed_files"]) == len(names)
+    for name in names:
+        esvm, negative = store.read("esvm", name), store.read("esvm@negative", name)
+        np.testing.assert_array_equal(negative.candidates, esvm.candidates)
+        np.testing.assert_array_equal(negative.values[esvm.candidates], esvm.values[esvm.candidates])
+        others = ~esvm.candidates
+        assert (negative.values[others] <= 0).all() and not np.allclose(negative.values[others], esvm.values[others])
+        assert stored_settings(store.block_path("esvm@negative", name))["negative_influence"] is True
+    # rerun: nothing; one block gone: only it is recomputed, identically
+    assert rank_stage(exp, **options)()["computed_files"] == 0
+    before = store.read("esvm@negative", names[0]).values
+    store.block_path("esvm@negative", names[0]).unlink()
+    again = rank_stage(exp, **options)()
+    assert again["computed_files"] == 1
+    assert exp.manifest()["rank"]["computed_files"] == [f"scores/esvm@negative/{names[0]}.parquet"]
+    np.testing.assert_array_equal(store.read("esvm@negative", names[0]).values, before)
+    with pytest.raises(SettingsError, match="esvm_negative"):
+        parse_settings(preset(methods=["l2"], esvm_negative=True))
+    with pytest.raises(SettingsError, match="esvm_negative"):
+        parse_settings(preset(methods=["esvm"], esvm_negative=True, same_class=False))

@@ -145,7 +145,7 @@ TINY_QUICKSTART = [
     "embed.shard_size=100", "embed.batch_size=100", "embed.actors=0",
     "rank.top_k=20", "rank.targets=4",
     "trak.checkpoints=2", "trak.proj_dim=32",
-    "datamodels.models=8", "datamodels.lds_models=0",
+    "datamodels.models=8", "datamodels.budgets=[]", "datamodels.lds_models=0",
     "support.targets=4", "support.budget=2", "support.seeds=2", "support.ensemble=2",
     "support.top_k=20",
     "report.n_boot=20",

@@ -63,8 +63,8 @@ def test_planted_duplicates_rank_first(fmnist, tmp_path):
         target_image, target_label = test.images([position])[0], int(test.labels[position])
         images, labels, ids = planted_training_set(train, target_image, target_label, seed=t)
         trainer = retrain.Retrainer(config, images, labels, ids, train.mean, train.std, 10)
-        states, trained = train_checkpoints(trainer, tmp_path / f"ck{t}", 3, base_seed=t, recipe="test",
-                                            progress=False)
+        states, trained, _ = train_checkpoints(trainer, tmp_path / f"ck{t}", 3, base_seed=t, recipe="test",
+                                               progress=False)
         assert trained == 3
         scorer = TrakScorer(tmp_path / f"trak{t}", proj_dim=128, batch_size=128, seed=t, progress=False)
         scorer.fit(mlp, states, trainer.x, labels)
@@ -127,6 +127,33 @@ def test_proj_dim_must_be_below_train_size(fmnist, tmp_path):
         TrakScorer(tmp_path / "trak", proj_dim=0)
 
 
+def test_budgets_are_the_first_checkpoints_of_one_featurization(fmnist, tmp_path):
+    """score_budgets(m) from 3 featurized checkpoints equals featurizing only the first m;
+    the per-checkpoint seconds add up, so a smaller budget costs less."""
+    train, test = fmnist
+    x = retrain.to_tensor(train.images(np.arange(len(train))), train.mean, train.std)
+    torch.manual_seed(0)
+    states = [mlp().state_dict() for _ in range(3)]
+    targets = retrain.to_tensor(test.images([0, 11, 23]), train.mean, train.std)
+    target_y = test.labels[[0, 11, 23]]
+    scorer = TrakScorer(tmp_path / "all", proj_dim=32, seed=1, progress=False).fit(mlp, states, x, train.labels)
+    budgets = scorer.score_budgets(targets, target_y, [3, 1])
+    assert sorted(budgets) == [1, 3] and [budgets[m].checkpoints for m in (1, 3)] == [1, 3]
+    np.testing.assert_allclose(budgets[3].scores, scorer.score(targets, target_y).scores, rtol=1e-5, atol=1e-7)
+    for m in (1, 2):
+        alone = TrakScorer(tmp_path / f"m{m}", proj_dim=32, seed=1, progress=False).fit(mlp, states[:m], x,
+                                                                                          train.labels)
+        want = alone.score(targets, target_y).scores
+        got = budgets[1].scores if m == 1 else scorer.score_budgets(targets, target_y, [2])[2].scores
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(budgets[1].scores, budgets[3].scores)
+    assert len(scorer.featurize_model_seconds_) == 3 and all(t > 0 for t in scorer.featurize_model_seconds_)
+    assert 0 < scorer.featurize_seconds_of(1) < scorer.featurize_seconds_of(3) <= scorer.featurize_seconds_ + 1e-9
+    assert 0 < scorer.score_seconds_of(1) < scorer.score_seconds_of(3)
+    with pytest.raises(ValueError, match="between 1 and the 3 featurized checkpoints"):
+        scorer.score_budgets(targets, target_y, [4])
+
+
 def test_save_dir_is_fresh_and_guarded(fmnist, tmp_path):
     """fit deletes its own traker folder (stale features never reused) but no foreign folder."""
     train, _ = fmnist
@@ -174,7 +201,9 @@ def test_checkpoints_are_the_support_ensemble_models(fmnist, tmp_path):
     train, test = fmnist
     config = retrain.make_config("mlp", epochs=2)
     trainer = retrain.Retrainer.from_imageset(config, train)
-    states, trained = train_checkpoints(trainer, tmp_path / "ck", 2, base_seed=7, recipe="r1", progress=False)
+    states, trained, seconds = train_checkpoints(trainer, tmp_path / "ck", 2, base_seed=7, recipe="r1",
+                                                 progress=False)
+    assert len(seconds) == 2 and all(t > 0 for t in seconds)
     assert trained == 2 and sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["model-000.pt", "model-001.pt"]
     threads = torch.get_num_threads()
     try:
@@ -186,9 +215,11 @@ def test_checkpoints_are_the_support_ensemble_models(fmnist, tmp_path):
             np.testing.assert_array_equal(worker.trainer.logits(model.eval(), worker.target_x), expected)
     finally:
         torch.set_num_threads(threads)
-    again, trained = train_checkpoints(trainer, tmp_path / "ck", 2, base_seed=7, recipe="r1", progress=False)
+    again, trained, stored = train_checkpoints(trainer, tmp_path / "ck", 2, base_seed=7, recipe="r1",
+                                               progress=False)
     assert trained == 0 and all(torch.equal(again[0][k], states[0][k]) for k in states[0])
-    _, trained = train_checkpoints(trainer, tmp_path / "ck", 2, base_seed=7, recipe="r2", progress=False)
+    assert stored == seconds  # a reused model keeps its training seconds (a budget's cost from scratch)
+    _, trained, _ = train_checkpoints(trainer, tmp_path / "ck", 2, base_seed=7, recipe="r2", progress=False)
     assert trained == 2  # another recipe fingerprint: retrained
 
 
@@ -267,7 +298,7 @@ def test_trak_stage_writes_scores_and_rankings_and_resumes(fmnist, tmp_path):
     # changed settings: refused, naming the difference, and the advice touches only trak's files
     with pytest.raises(SettingsChanged, match=r"proj_dim: 64 -> 32") as refused:
         trak_stage(exp, proj_dim=32)()
-    assert "--force" in str(refused.value) and "trak-*.parquet" in str(refused.value)
+    assert "--force" in str(refused.value) and "trak*-*.parquet" in str(refused.value)
     assert "rankings/*" not in str(refused.value) and "l2" not in str(refused.value)
     # a changed top_k only derives the rankings again from the stored scores
     with pytest.raises(SettingsChanged, match=r"top_k: 30 -> 5"):
@@ -312,6 +343,82 @@ def test_trak_settings_are_validated_once_by_name():
         TrakSettings.from_preset(stage_preset(device="tpu"))
     with pytest.raises(SettingsError, match="trak.same_class must be true or false"):
         parse_settings(stage_preset(same_class="yes"))  # refused when the whole preset is parsed
+    with pytest.raises(SettingsError, match="trak.variants"):
+        TrakSettings.from_preset(stage_preset(variants=["bogus"]))
+    with pytest.raises(SettingsError, match="same_class = true already restricts it"):
+        TrakSettings.from_preset(stage_preset(variants=["same-class"], same_class=True))
+    with pytest.raises(SettingsError, match="trak.budgets"):
+        TrakSettings.from_preset(stage_preset(budgets=[0, 5]))
+    budgets = TrakSettings.from_preset(stage_preset(checkpoints=5, budgets=[20, 1, 5]))
+    assert budgets.budget_variants() == {"trak@m1": 1, "trak": 5, "trak@m20": 20}
+    assert TrakSettings.from_preset(stage_preset()).budget_variants() == {"trak": 2}
     settings = TrakSettings.from_preset({"seed": 4, "trak": {}})
     assert (settings.seed, settings.top_k, settings.target_chunk, settings.proj_dim) == (4, None, 1024, 256)
     assert settings.method_params()["seed"] == 4
+
+
+def test_trak_stage_budgets_and_same_class_variant(fmnist, tmp_path):
+    """budgets [1, 3] with checkpoints 2 and the same-class variant: four methods with their
+    own blocks, rankings and seconds from one featurization; resumable per variant and class."""
+    from attribution.methods import fill_outside
+
+    train, test = fmnist
+    exp = Experiment(tmp_path / "exp").create()
+    positions = np.array([0, 7, 12])
+    write_rank_rankings(exp, train, test, positions)
+    classes = sorted({int(c) for c in test.labels[positions]})
+    names = ["trak", "trak@m1", "trak@m3", "trak@same-class"]
+    summary = trak_stage(exp, budgets=[1, 3], variants=["same-class"])()
+    store = ScoreStore(exp.scores)
+    assert sorted(store.methods()) == sorted(names)
+    for name in names:
+        assert sorted(p.name for p in exp.rankings.glob(f"{name}-class*.parquet")) == [
+            f"{name}-class{c:03d}.parquet" for c in classes]
+    assert summary["computed_files"] == 4 * len(classes) and summary["trained_checkpoints"] == 3
+    manifest = exp.manifest()["trak"]
+    assert manifest["variants"]["trak@m3"] == {"checkpoints": 3} and manifest["budgets"] == [1, 2, 3]
+    seconds = manifest["method_seconds"]
+    assert set(seconds) == set(names) and all(v > 0 for v in seconds.values())
+    assert seconds["trak@m1"] < seconds["trak"] < seconds["trak@m3"] <= manifest["seconds"] + 0.1
+    assert seconds["trak@same-class"] == seconds["trak"]  # derived from trak's scores
+    label_of = dict(zip(train.ids.tolist(), train.labels.tolist()))
+    for c in classes:
+        trak, m1, m3 = (store.read(n, f"class{c:03d}") for n in ("trak", "trak@m1", "trak@m3"))
+        assert trak.method == "trak" and m1.method == "trak@m1" and trak.candidates is None
+        assert not np.allclose(trak.values, m1.values) and not np.allclose(trak.values, m3.values)
+        assert stored_settings(exp.rankings / f"trak@m1-class{c:03d}.parquet")["checkpoints"] == 1
+        # same-class: candidates = the target's class, outside = the row's lowest candidate score
+        view = store.read("trak@same-class", f"class{c:03d}")
+        np.testing.assert_array_equal(view.candidates, view.target_labels[:, None] == train.labels[None, :])
+        np.testing.assert_array_equal(view.values, fill_outside(trak.values, view.candidates))
+        ranking = pq.read_table(exp.rankings / f"trak@same-class-class{c:03d}.parquet").to_pandas()
+        target_label = dict(zip(view.target_ids.tolist(), view.target_labels.tolist()))
+        assert all(label_of[i] == target_label[t] for t, i in zip(ranking["target_id"], ranking["train_id"]))
+        assert (ranking["method"] == "trak@same-class").all()
+        native = pq.read_table(exp.rankings / f"trak-class{c:03d}.parquet").to_pandas()
+        assert any(label_of[i] != target_label[t] for t, i in zip(native["target_id"], native["train_id"]))
+
+    # rerun: nothing to do; the seconds of the computing run are kept
+    again = trak_stage(exp, budgets=[1, 3], variants=["same-class"])()
+    assert again["computed_files"] == 0 and exp.manifest()["trak"]["method_seconds"] == seconds
+    # one variant's unit gone (block and ranking): only it is recomputed, from the stored checkpoints
+    victim = classes[0]
+    (exp.rankings / f"trak@m1-class{victim:03d}.parquet").unlink()
+    store.block_path("trak@m1", f"class{victim:03d}").unlink()
+    (exp.rankings / f"trak@same-class-class{victim:03d}.parquet").unlink()  # derived again from trak's block
+    kept = {p.name: p.stat().st_mtime_ns for p in exp.rankings.glob("trak*.parquet")}
+    redo = trak_stage(exp, budgets=[1, 3], variants=["same-class"])()
+    assert redo["computed_files"] == 2 and redo["trained_checkpoints"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in exp.rankings.glob("trak*.parquet") if p.name in kept} == kept
+    after = exp.manifest()["trak"]["method_seconds"]
+    assert after["trak"] == seconds["trak"] and after["trak@m3"] == seconds["trak@m3"]  # not recomputed: kept
+    assert 0 < after["trak@m1"] < after["trak@m3"]
+    block = store.read("trak@m1", f"class{victim:03d}")
+    assert stored_settings(store.block_path("trak@m1", f"class{victim:03d}"))["checkpoints"] == 1
+    assert np.isfinite(block.values).all()
+    # a budget the settings no longer ask for: refused, then deleted with --force
+    with pytest.raises(ValueError, match="no longer ask for"):
+        trak_stage(exp, budgets=[1], variants=["same-class"])()
+    trak_stage(exp, force=True, budgets=[1], variants=["same-class"])()
+    assert "trak@m3" not in store.methods() and not list(exp.rankings.glob("trak@m3-*.parquet"))
+    assert "trak@m3" not in exp.manifest()["trak"]["method_seconds"]

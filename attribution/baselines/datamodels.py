@@ -17,8 +17,28 @@ stage (:mod:`attribution.stages.datamodels`) trains the subset models on a work 
    the model is refit on every model at the chosen strength. ``coef_[t]`` are the
    attribution scores of target t: the estimated margin change from including image i.
 
-The coefficients are the method's scores; rankings are derived from them as for every
-method (:func:`attribution.scores.rank_block`: score descending, train id ascending).
+4. Order of the zeros: a lasso at a useful strength leaves most coefficients exactly at
+   zero (a median of 34 of 3,000 at 400 models), and a ranking sorted by score alone puts
+   them in train-id order. The images the lasso leaves at zero are ordered by **entry
+   order along the regularisation path, to first order at the chosen strength**: the
+   residual correlation ``c_i = x_i^T (y - X coef) / n_models`` of the refit (centred
+   masks), which the lasso's optimality conditions bound by ``|c_i| <= alpha`` for every
+   zero coefficient. Relaxing the strength from ``alpha`` to ``|c_i|`` (the others held)
+   is where image i would enter the path, with the sign of ``c_i``: an image closer to
+   entering ranks higher among the zeros if it would enter positively, lower if
+   negatively (:func:`ranking_key`). Why this rule rather than a ridge fit: it is the
+   lasso's own quantity (no second model with its own strength to choose), it costs one
+   matrix-vector product per target, it orders every zero (ties have probability zero),
+   and for the near-orthogonal random-subset design it is the path's entry order
+   (continuing the path itself to its weak end is the slow part, and images that never
+   enter stay tied). ``residual_correlation_`` holds it.
+
+The coefficients are the method's scores (LDS and every metric of the full scores use
+them as they are); rankings are derived from them as for every method
+(:func:`attribution.scores.rank_block`), with :func:`ranking_key` as the order: the
+non-zero coefficients keep their values and order, and the zeros sit between the
+positive and the negative ones in the order above (train id ascending only breaks
+exact ties).
 """
 
 from __future__ import annotations
@@ -133,6 +153,10 @@ class DatamodelRegression:
         (NaN past the point where ``patience`` stopped the path).
     fit_models_, heldout_models_ : model indices of the split.
     n_nonzero_ : (n_targets,) non-zero coefficients of the refit.
+    residual_correlation_ : (n_targets, n_train) ``x_i^T (y - X coef) / n_models`` of the
+        refit (centred masks and margins): for a zero coefficient, the strength at which
+        image i would enter the path to first order (signed); the order of the zeros
+        (:func:`ranking_key`).
     """
 
     def __init__(self, alphas: Sequence[float] | None = None, n_alphas: int = 30, eps: float = 1e-3,
@@ -223,6 +247,7 @@ class DatamodelRegression:
         self.alpha_ = np.zeros(n_targets)
         self.coef_ = np.zeros((n_targets, n_train))
         self.intercept_ = np.zeros(n_targets)
+        self.residual_correlation_ = np.zeros((n_targets, n_train))
         for t in tqdm(range(n_targets), desc="datamodel regressions", unit="target", disable=not self.progress,
                       file=sys.stderr, dynamic_ncols=True):
             y_fit = y_all[fit_idx, t] - y_all[fit_idx, t].mean()
@@ -246,6 +271,8 @@ class DatamodelRegression:
             self.alpha_index_[t], self.alpha_[t] = best, grid[best]
             self.coef_[t] = coef
             self.intercept_[t] = y.mean() - mean_all @ coef
+            # the smooth part's negative gradient: |c_i| <= alpha where coef_i = 0 (KKT)
+            self.residual_correlation_[t] = xc_all.T @ (y - y.mean() - xc_all @ coef) / n_models
         self.fit_models_, self.heldout_models_ = fit_idx, held_idx
         self.n_nonzero_ = (self.coef_ != 0).sum(axis=1)
         self.n_features_in_ = n_train
@@ -274,8 +301,34 @@ class DatamodelRegression:
         return float(np.nanmean(r2))
 
 
+def ranking_key(coef: np.ndarray, correlation: np.ndarray) -> np.ndarray:
+    """float64 (n_targets, n_train): the order of the training images per target, higher first.
+
+    A non-zero coefficient is its own key (the lasso's order and values are kept); a zero
+    coefficient gets ``eps * c_i / max|c|`` (``c`` the residual correlation of
+    :attr:`DatamodelRegression.residual_correlation_`, the max over that row's zeros),
+    with ``eps`` half the row's smallest non-zero ``|coef|`` (1 for an all-zero row): the
+    zeros then sit strictly between the positive and the negative coefficients, ordered
+    by their signed first-order entry strength. The key orders a ranking only; the
+    scores stay the coefficients. Pass the float32 values that are stored (scores and
+    correlations) so that a ranking derived again from the files is the same.
+    """
+    coef = np.atleast_2d(np.asarray(coef, np.float64))
+    correlation = np.atleast_2d(np.asarray(correlation, np.float64))
+    if coef.shape != correlation.shape:
+        raise ValueError(f"coef {coef.shape} and correlation {correlation.shape} must have the same shape "
+                         "(targets, n_train)")
+    zero = coef == 0
+    magnitude = np.where(zero, np.inf, np.abs(coef)).min(axis=1)
+    eps = np.where(np.isfinite(magnitude), 0.5 * magnitude, 1.0)
+    scale = np.where(zero, np.abs(correlation), 0.0).max(axis=1)
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.where(zero, correlation * (eps / scale)[:, None], coef)
+
+
 def fit_summary(masks: np.ndarray, margins: np.ndarray, regression: DatamodelRegression) -> dict:
-    """Fit ``regression`` and return plain arrays: coef (float32), intercept, alpha,
+    """Fit ``regression`` and return plain arrays: coef and correlation (the residual
+    correlation, the order of the zeros; float32), intercept, alpha,
     alpha_index, n_tried (path length reached), n_nonzero, heldout_mse (at the chosen
     strength), heldout_mse_zero (the all-zero model: the strongest strength),
     heldout_r2 (1 - heldout_mse / variance of the held-out margins), fit_models,
@@ -290,7 +343,9 @@ def fit_summary(masks: np.ndarray, margins: np.ndarray, regression: DatamodelReg
     variance = margins[model.heldout_models_].var(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         r2 = np.where(variance > 0, 1 - best / np.where(variance > 0, variance, 1.0), np.nan)
-    return {"coef": model.coef_.astype(np.float32), "intercept": model.intercept_, "alpha": model.alpha_,
+    return {"coef": model.coef_.astype(np.float32),
+            "correlation": model.residual_correlation_.astype(np.float32),
+            "intercept": model.intercept_, "alpha": model.alpha_,
             "alpha_index": model.alpha_index_, "n_tried": (~np.isnan(model.heldout_mse_path_)).sum(axis=1),
             "n_nonzero": model.n_nonzero_, "heldout_mse": best, "heldout_mse_zero": model.heldout_mse_path_[:, 0],
             "heldout_r2": r2, "fit_models": len(model.fit_models_), "heldout_models": len(model.heldout_models_),

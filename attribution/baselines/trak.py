@@ -13,6 +13,10 @@ checkpoints with :func:`train_checkpoints` and writes scores and rankings.
 2. ``score(target_x, target_y)``: the targets' projected gradients per checkpoint and
    ``finalize_scores``: a (train x target) matrix, averaged over the checkpoints;
    higher = the training image raises the target's margin more.
+   ``score_budgets(target_x, target_y, counts)``: the scores of the first m checkpoints
+   for each m in ``counts`` from one featurization (traker's ``finalize_scores(model_ids=
+   ...)``; each checkpoint's features are finalized on their own, so the first m of M
+   featurized checkpoints give exactly the scores of featurizing only m).
 
 Pitfalls of traker 0.3.2 handled here (docs/baselines.md):
 - ``load_from_save_dir=False`` is broken (``experiments.json`` is never created, so
@@ -119,7 +123,7 @@ class TrakScores:
     projector: str
     proj_dim: int
     checkpoints: int
-    seconds: float
+    seconds: float  # this call's target gradients of the first ``checkpoints`` models + their finalize_scores
 
 
 class TrakScorer:
@@ -236,47 +240,93 @@ class TrakScorer:
         self.checkpoints_ = list(checkpoints)
         self.n_train_ = n
         steps = len(self.checkpoints_) * math.ceil(n / self.batch_size)
+        # per-checkpoint seconds: what featurizing only the first m checkpoints costs (budgets)
+        self.featurize_model_seconds_ = []
         with tqdm(total=steps, desc=f"trak featurize ({len(self.checkpoints_)} models)", unit="batch",
                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True) as bar:
             for model_id, state in enumerate(self.checkpoints_):
+                begin = time.perf_counter()
                 self.traker_.load_checkpoint(state, model_id=model_id)
                 for xb, yb in self._batches(train_x, train_y, device):
                     self.traker_.featurize(batch=(xb, yb), num_samples=len(xb))
                     bar.update(1)
+                self.featurize_model_seconds_.append(time.perf_counter() - begin)
         # del_grads: the raw projected gradients are not needed once the features exist
+        begin = time.perf_counter()
         self.traker_.finalize_features(del_grads=True)
+        self.finalize_features_seconds_ = time.perf_counter() - begin  # one X^T X inverse per checkpoint
         self.featurize_seconds_ = time.perf_counter() - start
+        self.score_model_seconds_ = [0.0] * len(self.checkpoints_)  # target gradients, summed over calls
+        self.finalize_scores_seconds_: dict[int, float] = {}        # per checkpoint count, summed over calls
         self._experiments = 0
         return self
 
+    def featurize_seconds_of(self, count: int) -> float:
+        """Seconds featurizing the first ``count`` checkpoints took (finalize_features
+        shared out evenly: it is one inverse per checkpoint, the same work for each)."""
+        count = int(count)
+        share = self.finalize_features_seconds_ * count / len(self.checkpoints_)
+        return float(sum(self.featurize_model_seconds_[:count]) + share)
+
+    def score_seconds_of(self, count: int) -> float:
+        """Seconds the score calls spent on the scores of the first ``count`` checkpoints."""
+        count = int(count)
+        return float(sum(self.score_model_seconds_[:count]) + self.finalize_scores_seconds_.get(count, 0.0))
+
     def score(self, target_x, target_y) -> TrakScores:
-        """Scores (n_train, n_targets) for these targets; memory ~ n_train x n_targets floats."""
+        """Scores (n_train, n_targets) for these targets from every checkpoint; memory
+        ~ n_train x n_targets floats."""
         if not hasattr(self, "traker_"):
             raise RuntimeError("call fit(...) before score(...)")
+        count = len(self.checkpoints_)
+        return self.score_budgets(target_x, target_y, [count])[count]
+
+    def score_budgets(self, target_x, target_y, counts: Sequence[int]) -> dict[int, TrakScores]:
+        """{m: scores of the first m checkpoints} for each m in ``counts`` (1 <= m <= the
+        checkpoints given to ``fit``): the targets' gradients are computed once, for the
+        largest m, and traker's ``finalize_scores(model_ids=range(m))`` averages each prefix.
+        Memory ~ n_train x n_targets floats per count held at once."""
+        if not hasattr(self, "traker_"):
+            raise RuntimeError("call fit(...) before score(...)")
+        featurized = len(self.checkpoints_)
+        counts = sorted({int(m) for m in counts})
+        if not counts or counts[0] < 1 or counts[-1] > featurized:
+            raise ValueError(f"counts must be checkpoint counts between 1 and the {featurized} featurized "
+                             f"checkpoints, got {counts}; featurize more checkpoints or lower the budgets")
         target_x = torch.as_tensor(target_x, dtype=torch.float32)
         target_y = torch.as_tensor(np.asarray(target_y), dtype=torch.long)
         if len(target_x) != len(target_y) or len(target_x) == 0:
             raise ValueError(f"{len(target_x)} target images and {len(target_y)} labels: need the same, >= 1")
-        start = time.perf_counter()
         exp_name = f"targets{self._experiments:05d}"  # a fresh traker experiment per call
         self._experiments += 1
-        for model_id, state in enumerate(self.checkpoints_):
+        call_model_seconds = []
+        for model_id, state in enumerate(self.checkpoints_[:counts[-1]]):
+            begin = time.perf_counter()
             self.traker_.start_scoring_checkpoint(exp_name=exp_name, checkpoint=state, model_id=model_id,
                                                   num_targets=len(target_x))
             for xb, yb in self._batches(target_x, target_y, self.device_):
                 self.traker_.score(batch=(xb, yb), num_samples=len(xb))
-        scores = np.array(self.traker_.finalize_scores(exp_name=exp_name), dtype=np.float32)
-        # the returned matrix is now ours: drop traker's copies (score mmap, target gradients)
+            call_model_seconds.append(time.perf_counter() - begin)
+            self.score_model_seconds_[model_id] += call_model_seconds[-1]
+        results = {}
+        for count in counts:
+            begin = time.perf_counter()
+            scores = np.array(self.traker_.finalize_scores(exp_name=exp_name, model_ids=list(range(count))),
+                              dtype=np.float32)
+            finalize = time.perf_counter() - begin
+            self.finalize_scores_seconds_[count] = self.finalize_scores_seconds_.get(count, 0.0) + finalize
+            if not np.isfinite(scores).all():
+                raise ValueError(f"TRAK scores of {count} checkpoint(s) contain NaN/inf (X^T X badly "
+                                 "conditioned?); raise lambda_reg or lower proj_dim")
+            results[count] = TrakScores(scores, self.projector_, self.proj_dim, count,
+                                        sum(call_model_seconds[:count]) + finalize)
+        # the returned matrices are now ours: drop traker's copies (score mmap, target gradients)
         self.traker_.saver.current_store.pop(f"{exp_name}_scores", None)
         self.traker_.scores = None
         for path in [self.save_dir / "scores" / f"{exp_name}.mmap",
                      *self.save_dir.glob(f"*/{exp_name}_grads.mmap")]:
             path.unlink(missing_ok=True)
-        if not np.isfinite(scores).all():
-            raise ValueError("TRAK scores contain NaN/inf (X^T X badly conditioned?); raise lambda_reg "
-                             "or lower proj_dim")
-        return TrakScores(scores, self.projector_, self.proj_dim, len(self.checkpoints_),
-                          time.perf_counter() - start)
+        return results
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -287,21 +337,23 @@ def checkpoint_path(folder: str | os.PathLike, index: int) -> Path:
 
 
 def train_checkpoints(trainer, folder: str | os.PathLike, n_models: int, base_seed: int, recipe: str,
-                      threads: int | None = 1, progress: bool = True) -> tuple[list[dict], int]:
+                      threads: int | None = 1, progress: bool = True) -> tuple[list[dict], int, list[float]]:
     """The full-data models with seed indices 0..n-1 (the support stage's ensemble).
 
     ``trainer``: an :class:`attribution.retrain.Retrainer`. Each model uses torch seed
     ``retrain.training_seed(base_seed, i)``, as the support ensemble does; ``threads=1``
     matches the support workers (one torch thread), so the weights are the same.
     A stored ``model-NNN.pt`` with the same ``recipe`` fingerprint and torch seed is
-    reused. Returns (state dicts, number trained now).
+    reused. Returns (state dicts, number trained now, each model's training seconds:
+    measured now, or stored with a reused model when it was trained; what training it
+    costs from scratch, which a budget's cost counts).
     """
     from tqdm.auto import tqdm
 
     from attribution.artifacts import write_torch
     from attribution.retrain import training_seed
 
-    states, trained = [], 0
+    states, trained, seconds = [], 0, []
     for index in tqdm(range(int(n_models)), desc="trak checkpoints", unit="model", disable=not progress,
                       file=sys.stderr, dynamic_ncols=True):
         path = checkpoint_path(folder, index)
@@ -310,12 +362,15 @@ def train_checkpoints(trainer, folder: str | os.PathLike, n_models: int, base_se
             stored = torch.load(path, map_location="cpu", weights_only=True)
             if stored.get("recipe") == recipe and stored.get("torch_seed") == torch_seed:
                 states.append(stored["state_dict"])
+                seconds.append(float(stored.get("train_seconds", float("nan"))))  # nan: an older file
                 continue
+        begin = time.perf_counter()
         with torch_threads(threads):
             model = trainer.train(seed=torch_seed)
+        seconds.append(time.perf_counter() - begin)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         write_torch({"state_dict": state, "recipe": recipe, "seed_index": index, "torch_seed": torch_seed,
-                     "config": trainer.config.to_dict()}, path)
+                     "config": trainer.config.to_dict(), "train_seconds": seconds[-1]}, path)
         states.append(state)
         trained += 1
-    return states, trained
+    return states, trained, seconds

@@ -6,6 +6,13 @@ training images each model saw, and its margin on each target) and fits one
 l1-regularised linear datamodel per target; ``score`` returns the coefficients: the
 estimated change of the target's margin from including each training image (signed:
 negative = the image lowers the margin).
+
+The lasso leaves most coefficients at zero. The block's ``exact`` key
+(:func:`attribution.baselines.datamodels.ranking_key`) orders the ranking: non-zero
+coefficients as they are, and the zeros between the positive and the negative ones by
+their entry order along the regularisation path to first order at the chosen strength
+(the signed residual correlation; ``zero_order="entry"``), or by train id
+(``zero_order="id"``, the plain sort). The scores themselves stay the coefficients.
 """
 
 from __future__ import annotations
@@ -14,6 +21,9 @@ import numpy as np
 
 from attribution.methods import register_method
 from attribution.methods.base import AttributionMethod, CostSpec, ScoreBlock, Targets, TrainingData
+
+
+ZERO_ORDERS = ("entry", "id")
 
 
 @register_method
@@ -31,6 +41,9 @@ class Datamodels(AttributionMethod):
     same_class : False (native Datamodels): every training image is a candidate; True:
         only the images of the target's class are (``class_restricted``). The score
         block holds every coefficient either way; the mask restricts the ranking.
+    zero_order : "entry": the coefficients the lasso leaves at zero are ranked by their
+        signed first-order entry strength (the residual correlation of the refit, see
+        :mod:`attribution.baselines.datamodels`); "id": by train id (ties of the sort).
     progress : a tqdm bar over targets.
 
     ``fit(TrainingData(ids, labels, extra={"masks": m, "margins": g, "target_ids": t}))``:
@@ -38,7 +51,8 @@ class Datamodels(AttributionMethod):
     (models, targets), column j = target ``t[j]``. ``score(Targets(ids, labels))``: the
     coefficient rows of those targets (each must be one of ``t``).
 
-    Attributes after ``fit``: ``coef_`` (targets, n_train) float32; ``target_ids_``;
+    Attributes after ``fit``: ``coef_`` (targets, n_train) float32; ``correlation_``
+    (targets, n_train) float32, the residual correlation; ``target_ids_``;
     ``summary_``: per target (in ``target_ids_`` order) ``intercept``, ``alpha`` (chosen
     strength), ``alpha_index``, ``n_tried``, ``n_nonzero``, ``heldout_mse``,
     ``heldout_mse_zero`` (the all-zero model), ``heldout_r2``; and ``fit_models``,
@@ -52,11 +66,14 @@ class Datamodels(AttributionMethod):
     signed = True
     outside = "none"  # non-candidates keep their own coefficients
     cost = CostSpec(("datamodels",), ("datamodels/models", "datamodels/masks.parquet", "datamodels/margins.parquet",
-                                      "datamodels/regressions", "scores/datamodels", "rankings/datamodels-*.parquet"))
+                                      "datamodels/regressions{variant}", "scores/datamodels", "rankings/datamodels-*.parquet"))
     description = "Datamodels: l1 linear regressions of subset models' margins on their training subsets"
 
     def __init__(self, n_alphas: int = 30, eps: float = 1e-3, heldout_fraction: float = 0.2,
-                 patience: int | None = 5, seed: int = 0, same_class: bool = False, progress: bool = False):
+                 patience: int | None = 5, seed: int = 0, same_class: bool = False, zero_order: str = "entry",
+                 progress: bool = False):
+        if zero_order not in ZERO_ORDERS:
+            raise ValueError(f"datamodels: zero_order must be one of {ZERO_ORDERS}, got {zero_order!r}")
         self.n_alphas = n_alphas
         self.eps = eps
         self.heldout_fraction = heldout_fraction
@@ -64,6 +81,7 @@ class Datamodels(AttributionMethod):
         self.seed = seed
         self.same_class = bool(same_class)
         self.class_restricted = self.same_class
+        self.zero_order = zero_order
         self.progress = progress
 
     def regression(self):
@@ -77,7 +95,7 @@ class Datamodels(AttributionMethod):
         return {"n_alphas": int(self.n_alphas), "eps": float(self.eps),
                 "heldout_fraction": float(self.heldout_fraction),
                 "patience": None if self.patience is None else int(self.patience), "seed": int(self.seed),
-                "same_class": self.same_class}
+                "same_class": self.same_class, "zero_order": self.zero_order}
 
     def fit(self, train: TrainingData) -> "Datamodels":
         from attribution.baselines.datamodels import fit_summary
@@ -94,6 +112,7 @@ class Datamodels(AttributionMethod):
             raise ValueError(f"datamodels: margins must be (models, targets={len(target_ids)}), got {margins.shape}")
         summary = fit_summary(masks, margins, self.regression())
         self.coef_ = summary.pop("coef")
+        self.correlation_ = summary.pop("correlation")
         self.summary_ = summary
         self.target_ids_ = target_ids
         self.train_ids_, self.train_labels_ = train.ids, train.labels
@@ -110,4 +129,16 @@ class Datamodels(AttributionMethod):
         candidates = None
         if self.same_class:
             candidates = targets.labels[:, None] == self.train_labels_[None, :]
-        return ScoreBlock(self.name, targets.ids, targets.labels, self.train_ids_, self.coef_[rows], candidates)
+        return ScoreBlock(self.name, targets.ids, targets.labels, self.train_ids_, self.coef_[rows], candidates,
+                          self.order_key(self.coef_[rows], self.correlation_[rows], candidates))
+
+    def order_key(self, coef: np.ndarray, correlation: np.ndarray, candidates: np.ndarray | None) -> np.ndarray | None:
+        """The block's ``exact`` ranking key of these coefficient rows (None: by score, then
+        train id): with ``zero_order="entry"``, :func:`~attribution.baselines.datamodels.ranking_key`
+        of the float32 values (the stored ones, so a ranking derived again is the same)."""
+        from attribution.baselines.datamodels import ranking_key
+
+        if self.zero_order == "id":
+            return None
+        key = ranking_key(coef, correlation)
+        return key[candidates] if candidates is not None else key.reshape(-1)

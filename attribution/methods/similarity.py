@@ -13,6 +13,13 @@ alone (``inputs = ("features",)``):
             ``numpy.random.default_rng([seed, target_id])`` so it depends only on the seed
             and the target, never on how targets are grouped or which worker ran
 
+``esvm`` with ``negative_influence=True`` is the variant ``"esvm@negative"`` (the rank
+stage's ``esvm_negative``): same-class candidates keep esvm's scores, the other classes
+are scored NEGATIVELY by their likeness to the target (see :class:`ESVM`), an
+interpretation of the heuristic for ESVM's negative influence in Singla et al. 2023
+(arXiv 2311.03386, appendix): training images of other classes that look like the
+target push its prediction away from its class.
+
 Candidates (:class:`attribution.candidates.CandidateIndex`, FAISS): the training images
 of the target's class (``same_class=True``, the reference setting; ``class_restricted``
 follows it), optionally only the ``max_candidates`` nearest of them (under the method's
@@ -166,6 +173,25 @@ class ESVM(SimilarityMethod):
         ``device`` gets this method's device unless the params name one.
     max_candidates, same_class, device : see :class:`SimilarityMethod`.
     candidate_metric : "l2" or "cosine": the metric choosing the ``max_candidates`` nearest.
+    negative_influence : False: every non-candidate gets the row's lowest candidate score
+        (``outside = "min"``). True (the ``"esvm@negative"`` variant; needs
+        ``same_class``): the candidates keep the same scores, and the training images of
+        the OTHER classes that look like the target are scored negatively: per target, its
+        ``negative_neighbours`` nearest other-class images (l2 on the embeddings) are the
+        negatives of a second ESVM (the target the only positive), and one with decision
+        value d scores ``floor - spread * (d - d_min) / (d_max - d_min)``, where ``floor =
+        min(0, lowest candidate score)`` and ``spread`` is the range of the target's
+        candidate scores (d_min, d_max over those neighbours). Every other other-class
+        image scores ``floor``. So the least target-like scores sit at esvm's own outside
+        score (or 0), the most target-like one a whole candidate range below it: every
+        other-class score is <= 0 and below every candidate, with the same-class scores'
+        spread. The ranking (of the candidates) is esvm's. Same-class non-candidates
+        (``max_candidates``) keep the "min" fill. An interpretation of the paper's
+        heuristic (docs/baselines.md), not its code.
+    negative_neighbours : None (the number of the target's candidates: the class size) or
+        the number of nearest other-class images the second ESVM scores. (Fitting it
+        against every other class costs ~25x esvm on the quickstart; the nearest ones are
+        the images the heuristic is about.)
     """
 
     name = "esvm"
@@ -175,10 +201,21 @@ class ESVM(SimilarityMethod):
 
     def __init__(self, solver: str = "batched", solver_params: dict | None = None,
                  max_candidates: int | None = None, candidate_metric: str = "l2", same_class: bool = True,
-                 device: str = "cpu"):
+                 device: str = "cpu", negative_influence: bool = False, negative_neighbours: int | None = None):
         from attribution.esvm import available_solvers
 
         super().__init__(max_candidates, same_class, device)
+        if negative_influence and not same_class:
+            raise ValueError("esvm: negative_influence scores the OTHER classes negatively, but same_class=False "
+                             "makes every class a candidate; use same_class=True or negative_influence=False")
+        if negative_neighbours is not None and (isinstance(negative_neighbours, bool) or
+                                                not isinstance(negative_neighbours, int) or negative_neighbours < 1):
+            raise ValueError(f"esvm: negative_neighbours must be None (the class size) or a positive integer, got "
+                             f"{negative_neighbours!r}")
+        self.negative_influence = bool(negative_influence)
+        self.negative_neighbours = negative_neighbours
+        if self.negative_influence:
+            self.outside = "negative"
         if solver not in available_solvers():
             raise ValueError(f"esvm: unknown ESVM solver {solver!r}; choose one of {available_solvers()}")
         if solver_params is not None and not isinstance(solver_params, dict):
@@ -192,8 +229,10 @@ class ESVM(SimilarityMethod):
         self.candidate_metric = candidate_metric
 
     def settings(self) -> dict:
+        extra = ({"negative_influence": True, "negative_neighbours": self.negative_neighbours or 0}
+                 if self.negative_influence else {})
         return {"solver": self.solver, "solver_params": dict(self.solver_params),
-                "candidate_metric": self.candidate_metric, **super().settings()}
+                "candidate_metric": self.candidate_metric, **super().settings(), **extra}
 
     def _metric(self) -> str:
         return self.candidate_metric
@@ -217,13 +256,57 @@ class ESVM(SimilarityMethod):
 
     def _score_candidates(self, target_ids, target_labels, features, values, candidates) -> None:
         for rows, cand in self._candidate_groups(target_labels, features):
-            negatives = self.index_.features_of(cand)
-            got = np.asarray(self.solver_.decision_values(features[rows], negatives))
-            if got.shape != (len(rows), len(cand)):
-                raise ValueError(f"solver returned shape {got.shape}, expected {(len(rows), len(cand))}")
+            got = self._decision_values(features[rows], cand)
             cells = np.ix_(rows, self._columns(cand))
             values[cells] = got
             candidates[cells] = True
+
+    def _decision_values(self, positives: np.ndarray, negative_ids: np.ndarray) -> np.ndarray:
+        """(len(positives), len(negative_ids)): one ESVM per positive against these negatives."""
+        got = np.asarray(self.solver_.decision_values(positives, self.index_.features_of(negative_ids)))
+        if got.shape != (len(positives), len(negative_ids)):
+            raise ValueError(f"solver returned shape {got.shape}, expected {(len(positives), len(negative_ids))}")
+        return got
+
+    def score(self, targets: Targets) -> ScoreBlock:
+        block = super().score(targets)
+        if not self.negative_influence or not len(targets):
+            return block
+        features = np.asarray(targets.features, dtype=np.float32)
+        index = self.index_
+        values = block.values.copy()
+        for row in range(len(targets)):
+            candidate_scores = block.values[row][block.candidates[row]]
+            others = np.flatnonzero(index.labels_ != targets.labels[row])  # positions = block columns
+            if not len(others):
+                continue
+            k = min(len(others), self.negative_neighbours or len(candidate_scores) or len(others))
+            distance = ((index.features_[others].astype(np.float64) - features[row]) ** 2).sum(axis=1)
+            near = others[np.lexsort((index.ids_[others], distance))[:k]]  # ties by id: deterministic
+            likeness = self._decision_values(features[row:row + 1], index.ids_[near])[0]
+            floor = negative_scores(candidate_scores, likeness[:0])  # the neutral score (empty likeness)
+            values[row, others] = floor
+            values[row, near] = negative_scores(candidate_scores, likeness)
+        return ScoreBlock(block.method, block.target_ids, block.target_labels, block.train_ids, values,
+                          block.candidates, block.exact)
+
+
+def negative_scores(candidate_scores: np.ndarray, likeness: np.ndarray) -> np.ndarray | float:
+    """The other-class scores of ``"esvm@negative"`` for one target (see :class:`ESVM`):
+    ``floor - spread * (d - d.min()) / (d.max() - d.min())`` for the decision values ``d``
+    of the target's ESVM against its nearest other-class images, ``floor = min(0, lowest
+    candidate score)``, ``spread`` the range of the candidate scores (1 when they are all
+    equal). An empty ``likeness``: the neutral score ``floor`` itself (a float)."""
+    candidate_scores = np.asarray(candidate_scores, np.float64)
+    d = np.asarray(likeness, np.float64)
+    floor = min(0.0, float(candidate_scores.min())) if len(candidate_scores) else 0.0
+    if not len(d):
+        return floor
+    spread = float(np.ptp(candidate_scores)) if len(candidate_scores) else 1.0
+    spread = spread if spread > 0 else 1.0
+    width = float(np.ptp(d))
+    relative = (d - d.min()) / width if width > 0 else np.zeros_like(d)
+    return (floor - spread * relative).astype(np.float32)
 
 
 class NearestNeighbours(SimilarityMethod):

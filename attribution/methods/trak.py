@@ -10,12 +10,20 @@ raises the target's margin more; negative = it lowers it (signed).
 The trak stage (:mod:`attribution.stages.trak`) trains the checkpoints (the support
 stage's full-data ensemble models) and scores the rank stage's targets in chunks
 (``trak.target_chunk``: ``finalize_scores`` holds train x targets floats).
+
+Variants the stage writes from one fit (:func:`attribution.methods.variant_name`):
+``trak@m<M>`` (:meth:`Trak.score_budgets`: the scores of the first M checkpoints, a
+checkpoint budget) and ``trak@same-class`` (:func:`same_class_view`: native TRAK's
+scores restricted to the target's class).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
+
+import numpy as np
 
 from attribution.methods import register_method
 from attribution.methods.base import AttributionMethod, CostSpec, ScoreBlock, Targets, TrainingData
@@ -111,11 +119,48 @@ class Trak(AttributionMethod):
     def score(self, targets: Targets) -> ScoreBlock:
         if not hasattr(self, "scorer_"):
             raise RuntimeError("trak: call fit(...) before score(...)")
+        count = len(self.scorer_.checkpoints_)
+        return self.score_budgets(targets, [count])[count]
+
+    def score_budgets(self, targets: Targets, counts) -> dict[int, ScoreBlock]:
+        """{m: the score block of the first m checkpoints} for each m in ``counts`` (at most
+        the checkpoints given to ``fit``): the targets' gradients once, one
+        ``finalize_scores`` per m (:meth:`TrakScorer.score_budgets`). Every block is named
+        ``"trak"``; the stage names the variants."""
+        if not hasattr(self, "scorer_"):
+            raise RuntimeError("trak: call fit(...) before score(...)")
         if targets.images is None:
             raise ValueError("trak: score needs Targets(images=the targets' normalised images)")
-        result = self.scorer_.score(targets.images, targets.labels)  # (n_train, n_targets)
-        self.score_seconds_ += result.seconds
+        start = time.perf_counter()
+        results = self.scorer_.score_budgets(targets.images, targets.labels, counts)  # (n_train, n_targets) each
+        # the call's wall time: the budgets share the targets' gradients, so their seconds overlap
+        self.score_seconds_ += time.perf_counter() - start
         candidates = None
         if self.same_class:
             candidates = targets.labels[:, None] == self.train_labels_[None, :]
-        return ScoreBlock(self.name, targets.ids, targets.labels, self.train_ids_, result.scores.T, candidates)
+        blocks = {}
+        for count, result in results.items():
+            blocks[count] = ScoreBlock(self.name, targets.ids, targets.labels, self.train_ids_, result.scores.T,
+                                       None if candidates is None else candidates.copy())
+        return blocks
+
+    def seconds_of(self, count: int) -> dict:
+        """{"featurize": s, "score": s}: what the first ``count`` checkpoints' features and
+        scores took (per-checkpoint timings of the scorer), for a budget's cost."""
+        return {"featurize": self.scorer_.featurize_seconds_of(count), "score": self.scorer_.score_seconds_of(count)}
+
+
+def same_class_view(block: ScoreBlock, train_labels, method: str) -> ScoreBlock:
+    """``block`` restricted to each target's class: candidates = the training images of
+    the target's label, every other entry the row's lowest candidate score (the "min"
+    outside policy, :func:`attribution.methods.fill_outside`), so that its ranking is the
+    ranking of the same-class images and a sum over any subset stays finite. Derived from
+    the same scores: it costs nothing beyond them."""
+    from attribution.methods.base import fill_outside
+
+    train_labels = np.asarray(train_labels, np.int64)
+    if len(train_labels) != len(block.train_ids):
+        raise ValueError(f"{len(train_labels)} training labels for a block over {len(block.train_ids)} training ids")
+    candidates = block.target_labels[:, None] == train_labels[None, :]
+    return ScoreBlock(method, block.target_ids, block.target_labels, block.train_ids,
+                      fill_outside(block.values, candidates), candidates)

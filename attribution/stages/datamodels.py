@@ -8,6 +8,19 @@ model's margin on every target, and fits one l1 linear regression per target (th
 the scores and rank the training images. ``lds_models`` more subset models, never seen
 by the regression, are the held-out models of the LDS metric (EXP/lds/).
 
+Budgets: ``budgets = [1000, 2000]`` adds the variants ``"datamodels@n1000"`` and
+``"datamodels@n2000"`` (:func:`attribution.methods.variant_name`), fitted on the FIRST
+1000 / 2000 of the ``models`` models (a model's subset depends only on (seed, model id),
+so the prefix is what a run with ``models = 1000`` would have trained); plain
+``"datamodels"`` is the largest count, ``models``. Each variant has its own regressions,
+score blocks and rankings, and its own seconds in the manifest's ``method_seconds``
+(the cost contract, :func:`attribution.metrics.method_stage_seconds`): its models' share
+of the training pool's wall time plus its regressions' share of the regression pool's.
+
+Rankings: the lasso leaves most coefficients at zero; the ranking orders those by their
+signed first-order entry strength along the l1 path (``zero_order = "entry"``,
+:func:`attribution.baselines.datamodels.ranking_key`); the scores stay the coefficients.
+
 Work queues (from the stage's runtime): the trainings are items ``{"kind": "subset",
 "model_id", "removed_ids", "torch_seed"}`` for :class:`attribution.retraining.RetrainWorker`
 on a "retrain" pool (the worker holds the training set and the target images once;
@@ -25,14 +38,17 @@ Outputs (all atomic):
 - ``EXP/lds/masks.parquet``, ``EXP/lds/margins.parquet``: the held-out LDS models, ids
   :data:`LDS_MODEL_OFFSET` + 0 .. lds_models-1 (the report's LDS reads these).
 - ``EXP/datamodels/regressions/coef-classNNN.parquet`` (target_id, train_id, coef; the
-  non-zero coefficients) and ``targets-classNNN.parquet`` (per target: intercept,
-  chosen regularisation, held-out errors, ...).
-- ``EXP/scores/datamodels/classNNN.parquet``: the coefficients as a score block.
-- ``EXP/rankings/datamodels-classNNN.parquet``: derived from the block, written last.
+  non-zero coefficients), ``targets-classNNN.parquet`` (per target: intercept, chosen
+  regularisation, non-zero coefficients, held-out errors, ...) and
+  ``entry-classNNN.parquet`` (per target: the residual correlation over the training
+  ids in ascending order, the order of the zeros); a variant's in
+  ``EXP/datamodels/regressions@<tag>/``.
+- ``EXP/scores/<variant>/classNNN.parquet``: the coefficients as a score block.
+- ``EXP/rankings/<variant>-classNNN.parquet``: derived from the block, written last.
 
 Resume: a model's subset and torch seed depend only on (seed, model id), so a rerun
-trains only the model ids missing from the part files, and a class whose ranking and
-regression outputs exist with the same settings is skipped. Changed settings are
+trains only the model ids missing from the part files, and a (variant, class) whose
+ranking and regression outputs exist with the same settings is skipped. Changed settings are
 refused with the differing keys named.
 """
 
@@ -41,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -48,7 +65,7 @@ import numpy as np
 import pyarrow as pa
 
 from attribution.artifacts import ids_digest, reuse, write_table
-from attribution.methods import Targets, TrainingData, create_method
+from attribution.methods import Targets, TrainingData, create_method, variant_name
 from attribution.retraining import RetrainPoolSettings
 from attribution.settings import setting
 from attribution.stages import Plan, Stage, register_stage
@@ -70,6 +87,7 @@ TARGET_SCHEMA = pa.schema([
     ("heldout_mse", pa.float64()), ("heldout_mse_zero_model", pa.float64()), ("heldout_r2", pa.float64()),
     ("fit_models", pa.int32()), ("heldout_models", pa.int32()), ("seconds", pa.float32()),
 ])
+ENTRY_SCHEMA = pa.schema([("target_id", pa.int64()), ("correlation", pa.list_(pa.float32()))])
 RECIPE_FIELDS = ("model", "epochs", "batch_size", "lr")
 
 
@@ -96,14 +114,33 @@ class DatamodelSettings(RetrainPoolSettings):
     eps: float = setting(1e-3, low=0.0, high=1.0, low_open=True, high_open=True, help="... down to eps * alpha_max")
     patience: int | None = setting(5, low=1, help="stop a path after this many strengths without held-out "
                                                   "improvement; unset: the whole path")
+    budgets: tuple[int, ...] = setting(default_factory=tuple, low=4,
+                                       help="smaller model counts: variants datamodels@n<count> fitted on the "
+                                            "first <count> models; empty: only `models`")
+    zero_order: str = setting("entry", choices=("entry", "id"),
+                              help="order of the images the lasso leaves at zero: entry strength along the "
+                                   "l1 path (signed), or train id")
 
     def check(self) -> None:
         if 0 < self.lds_models < 3:
             self.fail("lds_models", f"must be 0 or at least 3 (LDS correlates over models), got {self.lds_models}")
-        n_held = int(round(self.heldout_fraction * self.models))
-        if n_held < 2 or self.models - n_held < 2:
-            self.fail("models", f"= {self.models} with heldout_fraction={self.heldout_fraction} leaves {n_held} "
-                                "held-out models; need >= 2 held-out and >= 2 fitting models (raise models)")
+        for key, count in [("models", self.models)] + [("budgets", b) for b in self.budgets]:
+            n_held = int(round(self.heldout_fraction * count))
+            if n_held < 2 or count - n_held < 2:
+                self.fail(key, f"= {count} with heldout_fraction={self.heldout_fraction} leaves {n_held} held-out "
+                               "models; need >= 2 held-out and >= 2 fitting models (raise it)")
+        larger = [b for b in self.budgets if b > self.models]
+        if larger:
+            self.fail("budgets", f"{larger} exceed models = {self.models}: a budget is a prefix of the trained "
+                                 "models (raise models, lower the budgets, or set datamodels.budgets=[])")
+        if len(set(self.budgets)) != len(self.budgets):
+            self.fail("budgets", f"lists a count twice: {list(self.budgets)}")
+
+    def variants(self) -> list[tuple[str, int]]:
+        """(method name, model count) of every variant, fewest models first; the last is
+        plain ``"datamodels"`` at ``models`` (a budget equal to ``models`` is that one)."""
+        smaller = sorted(int(b) for b in self.budgets if int(b) < self.models)
+        return [(variant_name(METHOD, f"n{n}"), n) for n in smaller] + [(METHOD, int(self.models))]
 
     def recipe(self, support_recipe):
         """The [support] recipe (an :class:`attribution.retraining.Recipe`) with this
@@ -114,27 +151,36 @@ class DatamodelSettings(RetrainPoolSettings):
     def method_params(self) -> dict:
         """The ``"datamodels"`` method's constructor parameters from this section."""
         return {"n_alphas": self.n_alphas, "eps": self.eps, "heldout_fraction": self.heldout_fraction,
-                "patience": self.patience, "seed": self.seed, "same_class": self.same_class}
+                "patience": self.patience, "seed": self.seed, "same_class": self.same_class,
+                "zero_order": self.zero_order}
 
 
 class RegressionWorker(QueueWorker):
     """Fits the ``"datamodels"`` method for one class of targets per item.
 
     Holds the regression models' masks (models, n_train) and the training ids / labels
-    once; an item is ``{"label", "target_ids", "target_labels", "margins"}`` (margins:
-    models x the class's targets). Returns ``{"label", "block", "summary"}``: the
-    class's score block and the method's per-target ``summary_``."""
+    once; an item is ``{"variant", "n_models", "label", "target_ids", "target_labels",
+    "margins"}`` (margins: the first n_models models x the class's targets); the fit uses
+    the first ``n_models`` masks. Returns ``{"variant", "label", "block", "summary",
+    "correlation"}``: the class's score block (named after the variant), the method's
+    per-target ``summary_`` and residual correlations (the order of the zeros)."""
 
     def __init__(self, masks: np.ndarray, train_ids: np.ndarray, train_labels: np.ndarray, params: dict):
         self.masks, self.train_ids, self.train_labels = masks, train_ids, train_labels
         self.params = dict(params)
 
     def __call__(self, item: dict) -> dict:
+        n = int(item["n_models"])
+        if len(item["margins"]) != n or n > len(self.masks):
+            raise ValueError(f"{item['variant']}: {len(item['margins'])} margin rows for n_models={n} of "
+                             f"{len(self.masks)} masks (a bug)")
         method = create_method(METHOD, **self.params)
         method.fit(TrainingData(self.train_ids, self.train_labels, extra={
-            "masks": self.masks, "margins": item["margins"], "target_ids": item["target_ids"]}))
-        block = method.score(Targets(item["target_ids"], item["target_labels"]))
-        return {"label": item["label"], "block": block, "summary": method.summary_}
+            "masks": self.masks[:n], "margins": item["margins"], "target_ids": item["target_ids"]}))
+        block = dataclasses.replace(method.score(Targets(item["target_ids"], item["target_labels"])),
+                                    method=item["variant"])
+        return {"variant": item["variant"], "label": item["label"], "block": block, "summary": method.summary_,
+                "correlation": method.correlation_}
 
 
 @register_stage
@@ -198,27 +244,40 @@ class DatamodelsStage(Stage):
         known = read_models(models_dir, training_key, fix=f"delete {models_dir} and {lds_dir} to retrain, or use "
                                                           "a new --exp")
         method = create_method(METHOD, **s.method_params())
-        common = {**method.settings(), "training": fingerprint, "alpha": float(s.alpha), "models": s.models}
         store = ScoreStore(self.exp.path("scores"))
         rankings = self.exp.path("rankings")
-        fix = (f"delete {rankings}/datamodels-*.parquet, {store.folder / METHOD} and {regressions_dir} to "
-               "recompute, or use a new --exp")
         classes = {int(c): np.flatnonzero(target_labels == c) for c in np.unique(target_labels)}
+        variants = s.variants()
+        # units are (variant, class); the most models first (the longest regressions start first)
         todo, rerank, reused, wanted = [], [], [], {}
-        for label, cols in classes.items():
-            scores_key = {**common, "targets": ids_digest(target_ids[cols])}
-            wanted[label] = {"scores": scores_key, "ranking": {**scores_key, "top_k": top_k}}
-            ranking_done = reuse(rankings / ranking_file_name(METHOD, label), wanted[label]["ranking"], fix)
-            # every output checked (a file with other settings is refused even when another is missing)
-            regression_done = all([store.reuse(METHOD, f"class{label:03d}", scores_key, train_ids, fix),
-                                   reuse(regressions_dir / f"coef-class{label:03d}.parquet", scores_key, fix),
-                                   reuse(regressions_dir / f"targets-class{label:03d}.parquet", scores_key, fix)])
-            if ranking_done and regression_done:
-                reused.append(label)
-            elif regression_done:
-                rerank.append(label)  # the scores are there: only the ranking is derived again
-            else:
-                todo.append(label)
+        for name, n_models in reversed(variants):
+            common = {**method.settings(), "training": fingerprint, "alpha": float(s.alpha), "models": n_models}
+            folder_of = regression_folder(regressions_dir, name)
+            fix = (f"delete {rankings}/{name}-*.parquet, {store.folder / name} and {folder_of} to recompute, or "
+                   "use a new --exp")
+            for label, cols in classes.items():
+                scores_key = {**common, "targets": ids_digest(target_ids[cols])}
+                wanted[name, label] = {"scores": scores_key, "ranking": {**scores_key, "top_k": top_k}}
+                ranking_done = reuse(rankings / ranking_file_name(name, label), wanted[name, label]["ranking"], fix)
+                # every output checked (a file with other settings is refused even when another is missing)
+                regression_done = all([store.reuse(name, f"class{label:03d}", scores_key, train_ids, fix)]
+                                      + [reuse(folder_of / f"{kind}-class{label:03d}.parquet", scores_key, fix)
+                                         for kind in ("coef", "targets", "entry")])
+                if ranking_done and regression_done:
+                    reused.append((name, label))
+                elif regression_done:
+                    rerank.append((name, label))  # the scores are there: only the ranking is derived again
+                else:
+                    todo.append((name, label))
+
+        # a variant of a budget no longer asked for keeps its files (and the support stage would
+        # search its rankings): say so rather than delete outputs
+        names = {name for name, _ in variants}
+        stale = sorted({p.name.rsplit("-class", 1)[0] for p in rankings.glob(f"{METHOD}@*-class*.parquet")} - names)
+        if stale:
+            warnings.warn(f"datamodels: {stale} in {rankings} are not among datamodels.budgets {list(s.budgets)}; "
+                          "their rankings stay (and are searched by the support stage): delete "
+                          f"{rankings}/<variant>-*.parquet and {store.folder}/<variant> to drop them")
 
         if s.lds_models:  # metrics.load_lds_data takes the training set to be every id in the LDS masks
             seen = np.zeros(n_train, bool)
@@ -234,6 +293,7 @@ class DatamodelsStage(Stage):
         needed = [int(m) for m in np.concatenate([fit_ids, lds_ids]) if int(m) not in known]
         return Plan(todo=todo, reused=reused, extra={
             "needed": needed, "rerank": rerank, "classes": classes, "wanted": wanted, "top_k": top_k,
+            "variants": dict(variants), "method": method,
             "recipe": recipe, "config": config, "training_key": training_key, "train": train, "targets": targets,
             "train_ids": train_ids, "train_labels": train_labels, "fit_ids": fit_ids, "lds_ids": lds_ids,
             "store": store, "models_dir": models_dir, "regressions_dir": regressions_dir, "lds_dir": lds_dir})
@@ -242,9 +302,12 @@ class DatamodelsStage(Stage):
     def run(self, plan: Plan) -> dict:
 
         x = plan.extra
-        result = {"trained": [], "retried": 0, "computed": []}
+        result = {"trained": [], "retried": 0, "computed": [], "regressed": [], "train_wall": 0.0,
+                  "regression_wall": 0.0}
         if x["needed"]:
+            start = time.perf_counter()
             self.train_models(plan, result)
+            result["train_wall"] = time.perf_counter() - start
         known = read_models(x["models_dir"], x["training_key"], fix="")
         fit_masks, fit_margins = self.stack(known, x["fit_ids"], plan)
         key = x["training_key"]
@@ -255,10 +318,12 @@ class DatamodelsStage(Stage):
             write_long_tables(x["lds_dir"], x["lds_ids"], lds_masks, lds_margins, x["train_ids"],
                               x["targets"]["ids"], {**key, "model_ids": ids_digest(x["lds_ids"])})
         if plan.todo:
+            start = time.perf_counter()
             self.regress(plan, fit_masks, fit_margins, result)
-        for label in x["rerank"]:
-            block = x["store"].read(METHOD, f"class{label:03d}")
-            result["computed"].append(self.write_ranking(block, label, x["wanted"][label], x["top_k"]))
+            result["regression_wall"] = time.perf_counter() - start
+        for name, label in x["rerank"]:
+            block = self.ordered_block(x["store"].read(name, f"class{label:03d}"), label, x)
+            result["computed"].append(self.write_ranking(block, name, label, x["wanted"][name, label], x["top_k"]))
         result["known"] = known
         return result
 
@@ -333,34 +398,60 @@ class DatamodelsStage(Stage):
         return masks, margins
 
     def regress(self, plan: Plan, masks: np.ndarray, margins: np.ndarray, result: dict) -> None:
-        """The regressions of the classes ``plan.todo``, one item per class on the regression pool."""
+        """The regressions of the units ``plan.todo`` (variant, class), one item each on the
+        regression pool; a variant of n models fits the first n."""
         from tqdm.auto import tqdm
 
         from attribution.workqueue import PoolRequest
 
         x = plan.extra
         target_ids, target_labels = x["targets"]["ids"], x["targets"]["labels"]
-        items = [{"label": label, "target_ids": target_ids[x["classes"][label]],
-                  "target_labels": target_labels[x["classes"][label]], "margins": margins[:, x["classes"][label]]}
-                 for label in plan.todo]
+        items = []
+        for name, label in plan.todo:
+            cols, n = x["classes"][label], x["variants"][name]
+            items.append({"variant": name, "n_models": n, "label": label, "target_ids": target_ids[cols],
+                          "target_labels": target_labels[cols], "margins": margins[:n, cols]})
         queue = self.require_runtime().queue(PoolRequest("regression", max_items=len(items)), RegressionWorker,
                                              masks, x["train_ids"], x["train_labels"], self.config.method_params(),
-                                             key=lambda item: f"datamodel regressions of class {item['label']}")
+                                             key=lambda item: f"{item['variant']} regressions of class {item['label']}")
         with queue, tqdm(total=len(items), desc="datamodel regressions", unit="class", disable=not self.progress,
                          file=sys.stderr, dynamic_ncols=True) as bar:
             for done in queue.map(items):
-                label = done.result["label"]
-                self.write_regression(label, done.result["block"], done.result["summary"], x)
-                result["computed"].append(self.write_ranking(done.result["block"], label, x["wanted"][label], x["top_k"]))
+                name, label, block = done.result["variant"], done.result["label"], done.result["block"]
+                self.write_regression(name, label, block, done.result["summary"], done.result["correlation"], x)
+                result["regressed"].append((name, label, float(done.result["summary"]["seconds"])))
+                result["computed"].append(self.write_ranking(block, name, label, x["wanted"][name, label],
+                                                             x["top_k"]))
                 bar.update(1)
 
-    def write_regression(self, label: int, block, summary: dict, x: dict) -> None:
-        """coef-classNNN, targets-classNNN and the score block of one class."""
-        settings = x["wanted"][label]["scores"]
+    def ordered_block(self, block, label: int, x: dict):
+        """A stored score block with its ranking key again (``exact``: the order of the
+        zeros, from the stored residual correlations; the store keeps the values only)."""
+        folder = regression_folder(x["regressions_dir"], block.method)
+        import pandas as pd
+
+        table = pd.read_parquet(folder / f"entry-class{label:03d}.parquet")
+        by_target = dict(zip(table["target_id"].tolist(), table["correlation"]))
+        missing = [int(t) for t in block.target_ids if int(t) not in by_target]
+        if missing:
+            raise ValueError(f"{folder}/entry-class{label:03d}.parquet lacks targets {missing[:5]}: delete it "
+                             "to recompute")
+        correlation = np.stack([np.asarray(by_target[int(t)], np.float32) for t in block.target_ids])
+        exact = x["method"].order_key(block.values, correlation, block.candidates)
+        return dataclasses.replace(block, exact=exact)
+
+    def write_regression(self, name: str, label: int, block, summary: dict, correlation: np.ndarray,
+                         x: dict) -> None:
+        """coef-, targets- and entry-classNNN of one (variant, class), and its score block."""
+        settings = x["wanted"][name, label]["scores"]
+        folder = regression_folder(x["regressions_dir"], name)
         t_rows, i_cols = np.nonzero(block.values)
         write_table(pa.table({"target_id": block.target_ids[t_rows], "train_id": block.train_ids[i_cols],
                               "coef": block.values[t_rows, i_cols]}, schema=COEF_SCHEMA),
-                    x["regressions_dir"] / f"coef-class{label:03d}.parquet", settings=settings)
+                    folder / f"coef-class{label:03d}.parquet", settings=settings)
+        write_table(pa.table({"target_id": block.target_ids,
+                              "correlation": [np.asarray(row, np.float32) for row in correlation]},
+                             schema=ENTRY_SCHEMA), folder / f"entry-class{label:03d}.parquet", settings=settings)
         n = len(block.target_ids)
         per_target = pa.table({
             "target_id": block.target_ids, "label": block.target_labels, "intercept": summary["intercept"],
@@ -370,15 +461,16 @@ class DatamodelsStage(Stage):
             "heldout_r2": summary["heldout_r2"], "fit_models": np.full(n, summary["fit_models"], np.int32),
             "heldout_models": np.full(n, summary["heldout_models"], np.int32),
             "seconds": np.full(n, summary["seconds"] / max(1, n), np.float32)}, schema=TARGET_SCHEMA)
-        write_table(per_target, x["regressions_dir"] / f"targets-class{label:03d}.parquet", settings=settings)
+        write_table(per_target, folder / f"targets-class{label:03d}.parquet", settings=settings)
         x["store"].write(block, f"class{label:03d}", settings)
 
-    def write_ranking(self, block, label: int, wanted: dict, top_k: int) -> str:
-        """The ranking file of one class, derived from its score block (written last: it marks the class done)."""
+    def write_ranking(self, block, name: str, label: int, wanted: dict, top_k: int) -> str:
+        """The ranking file of one (variant, class), derived from its score block and its
+        ranking key (written last: it marks the unit done)."""
         from attribution.ranking import ranking_file_name
         from attribution.scores import write_ranking
 
-        path = self.exp.path("rankings") / ranking_file_name(METHOD, label)
+        path = self.exp.path("rankings") / ranking_file_name(name, label)
         return write_ranking(block, top_k, path, wanted["ranking"]).name
 
     # ------------------------------------------------------------------ finish
@@ -386,45 +478,107 @@ class DatamodelsStage(Stage):
         import pandas as pd
 
         s, x = self.config, plan.extra
-        summary_table = pd.concat([pd.read_parquet(x["regressions_dir"] / f"targets-class{c:03d}.parquet")
-                                   for c in x["classes"]], ignore_index=True)
+        previous = self.exp.manifest().get(self.name) or {}
         known = result["known"]
         all_ids = np.concatenate([x["fit_ids"], x["lds_ids"]])
         training_seconds = float(sum(known[int(m)]["seconds"] for m in all_ids))
-        regularisation = {
-            "alpha_median": float(summary_table["alpha"].median()),
-            "alpha_min": float(summary_table["alpha"].min()), "alpha_max": float(summary_table["alpha"].max()),
-            "strongest_chosen": int((summary_table["alpha_index"] == 0).sum()),  # the all-zero model won
-            "nonzero_median": float(summary_table["n_nonzero"].median()),
-            "heldout_r2_median": float(summary_table["heldout_r2"].median()),
-        }
+        # wall seconds per worker second of each pool, measured when this run used it (else
+        # the computing run's record; else 1: serial): the models' and regressions' worker
+        # seconds, times this, are their share of the pool's wall time
+        trained_cpu = float(sum(known[int(m)]["seconds"] for m in result["trained"]))
+        regressed_cpu = float(sum(seconds for _, _, seconds in result["regressed"]))
+        train_factor = _wall_factor(result["train_wall"], trained_cpu, previous.get("training_wall_per_worker_second"))
+        regression_factor = _wall_factor(result["regression_wall"], regressed_cpu,
+                                         previous.get("regression_wall_per_worker_second"))
+        variants, method_seconds, regularisation = {}, {}, {}
+        for name, n_models in x["variants"].items():
+            folder = regression_folder(x["regressions_dir"], name)
+            table = pd.concat([pd.read_parquet(folder / f"targets-class{c:03d}.parquet") for c in x["classes"]],
+                              ignore_index=True)
+            model_seconds = float(sum(known[int(m)]["seconds"] for m in range(n_models)))
+            regression_seconds = float(table["seconds"].sum())
+            regularisation[name] = regularisation_summary(table)
+            variants[name] = {
+                "models": n_models, **regularisation[name],
+                "training_seconds": round(model_seconds * train_factor, 1),
+                "regression_seconds": round(regression_seconds * regression_factor, 1),
+                "regression_worker_seconds": round(regression_seconds, 1)}
+            method_seconds[name] = round(model_seconds * train_factor + regression_seconds * regression_factor, 1)
+            untouched = not result["trained"] and name not in {unit for unit, _, _ in result["regressed"]}
+            if untouched and name in (previous.get("method_seconds") or {}):
+                # measured by the run that computed it (another run's pool speed would re-price it)
+                method_seconds[name] = previous["method_seconds"][name]
+                variants[name] = (previous.get("variants") or {}).get(name, variants[name])
         computed = sorted(result["computed"])
-        reused = sorted(f"{METHOD}-class{c:03d}.parquet" for c in plan.reused)
+        reused = sorted(ranking_name(name, c) for name, c in plan.reused)
         did_work = bool(result["trained"] or computed)
         fields = {
             "settings": s.to_dict(), "recipe": x["config"].to_dict(), "models": s.models, "lds_models": s.lds_models,
+            "budgets": [n for name, n in x["variants"].items() if name != METHOD],
             "alpha": s.alpha, "n_train": len(x["train_ids"]), "targets": len(x["targets"]["ids"]),
-            "top_k": x["top_k"], "same_class": s.same_class, "regularisation": regularisation,
+            "top_k": x["top_k"], "same_class": s.same_class, "zero_order": s.zero_order,
+            "regularisation": regularisation[METHOD], "variants": variants, "method_seconds": method_seconds,
+            "training_wall_per_worker_second": round(train_factor, 4),
+            "regression_wall_per_worker_second": round(regression_factor, 4),
             "trained_this_run": len(result["trained"]), "retried": result["retried"], "computed_files": computed,
             "reused_files": reused, "training_seconds": round(training_seconds, 1),
-            "regression_seconds": round(float(summary_table["seconds"].sum()), 1),
+            "regression_seconds": round(sum(v["regression_seconds"] for v in variants.values()), 1),
             "outputs": ["datamodels/models/", "datamodels/masks.parquet", "datamodels/margins.parquet",
-                        "datamodels/regressions/", "scores/datamodels/", "rankings/datamodels-*.parquet"]
+                        "datamodels/regressions*/"] + [f"scores/{name}/" for name in x["variants"]]
+            + [f"rankings/{name}-*.parquet" for name in x["variants"]]
             + (["lds/masks.parquet", "lds/margins.parquet"] if s.lds_models else []),
             "reused": not did_work,
         }
         wall = round(time.perf_counter() - self.started, 1)
         if did_work:
             fields["seconds"] = wall  # a run that only reused keeps the seconds of the run that computed
+        else:  # ... and its per-method seconds (factors of 1 here would be a guess)
+            for key in ("method_seconds", "variants", "regularisation", "training_wall_per_worker_second",
+                        "regression_wall_per_worker_second", "regression_seconds"):
+                if key in previous:
+                    fields.pop(key)
         self.exp.record_stage(self.name, **fields)
+        plain = variants[METHOD]
         return {"models": s.models, "lds_models": s.lds_models, "targets": len(x["targets"]["ids"]),
-                "trained_this_run": len(result["trained"]), "retried": result["retried"],
-                "computed_files": len(computed), "reused_files": len(reused),
-                "alpha_median": regularisation["alpha_median"], "nonzero_median": regularisation["nonzero_median"],
-                "wall_seconds": wall}
+                "variants": list(x["variants"]), "trained_this_run": len(result["trained"]),
+                "retried": result["retried"], "computed_files": len(computed), "reused_files": len(reused),
+                "alpha_median": plain["alpha_median"], "nonzero_median": plain["nonzero_median"],
+                "method_seconds": method_seconds, "wall_seconds": wall}
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def regression_folder(regressions_dir, name: str):
+    """EXP/datamodels/regressions for plain datamodels, regressions@<tag> for a variant."""
+    from attribution.methods import split_variant
+
+    _, tag = split_variant(name)
+    return regressions_dir if tag is None else regressions_dir.with_name(f"{regressions_dir.name}@{tag}")
+
+
+def ranking_name(name: str, label: int) -> str:
+    from attribution.ranking import ranking_file_name
+
+    return ranking_file_name(name, label)
+
+
+def regularisation_summary(table) -> dict:
+    """Chosen l1 strengths and non-zero coefficients over the targets of a targets- table."""
+    return {
+        "alpha_median": float(table["alpha"].median()),
+        "alpha_min": float(table["alpha"].min()), "alpha_max": float(table["alpha"].max()),
+        "strongest_chosen": int((table["alpha_index"] == 0).sum()),  # the all-zero model won
+        "nonzero_median": float(table["n_nonzero"].median()),
+        "nonzero_min": int(table["n_nonzero"].min()), "nonzero_max": int(table["n_nonzero"].max()),
+        "heldout_r2_median": float(table["heldout_r2"].median()),
+    }
+
+
+def _wall_factor(wall: float, worker_seconds: float, recorded) -> float:
+    if wall > 0 and worker_seconds > 0:
+        return wall / worker_seconds
+    return float(recorded) if recorded else 1.0
 
 
 def read_models(folder, training_key: dict, fix: str) -> dict:

@@ -53,14 +53,15 @@ class EmbedSettings(Section):
     normalize: str | None = setting(None, choices=NORMALIZATIONS + ("auto",),
                                     help="input normalisation; unset: 'auto' (a checkpoint's own)")
     features: str = setting("pooled", choices=FEATURE_TAPS,
-                            help="'pooled': the backbone's global-average-pooled output; 'grid': its third "
-                                 "stage pooled to a 4 x 4 grid (ResNets), for any checkpoint or random init")
+                            help="'pooled': the backbone's global-average-pooled output; 'grid' / 'grid2': its "
+                                 "third / second stage pooled to a 4 x 4 grid (ResNets), for any checkpoint or "
+                                 "random init")
 
     def check(self) -> None:
         if self.backbone == "efficientnet_lite0" and self.small_stem:
             self.fail("small_stem", "is only for ResNets (efficientnet_lite0 has a fixed stem)")
-        if self.features == "grid" and self.backbone == "efficientnet_lite0":
-            self.fail("features", "= 'grid' reads a ResNet's third stage; efficientnet_lite0 has only 'pooled'")
+        if self.features != "pooled" and self.backbone == "efficientnet_lite0":
+            self.fail("features", f"= {self.features!r} reads a ResNet's stage; efficientnet_lite0 has only 'pooled'")
         if self.stem_stride != 1 and self.small_stem is False:
             self.fail("stem_stride", "is the small stem's stride: set embed.small_stem = true, or stem_stride = 1")
         if self.image_size not in (None, 0) and self.image_size < 8:

@@ -45,8 +45,10 @@ from attribution.stages.base import Flag, Plan, Stage
 
 OBJECTIVES = ("moco", "supervised")
 # keys added after the first checkpoints, at the value those were trained with
-LATER_KEYS = {"objective": "moco", "width": 64, "stem_stride": 1, "flip_p": 0.5, "jitter_p": 0.8}
-MOCO_ONLY = ("queue_size", "temperature", "momentum", "hidden_dim", "proj_dim", "shuffle_bn_splits")
+LATER_KEYS = {"objective": "moco", "width": 64, "stem_stride": 1, "flip_p": 0.5, "jitter_p": 0.8,
+              "symmetric": False, "head_bn": False}
+MOCO_ONLY = ("queue_size", "temperature", "momentum", "hidden_dim", "proj_dim", "shuffle_bn_splits",
+             "symmetric", "head_bn")
 
 
 @dataclass
@@ -81,6 +83,9 @@ class PretrainSettings(Section):
     flip_p: float = setting(0.5, low=0, high=1, help="probability of a horizontal flip")
     jitter_p: float = setting(0.8, low=0, high=1, help="probability of brightness/contrast jitter")
     shuffle_bn_splits: int = setting(2, low=1, help="chunks of the shuffled key batch (1: no shuffle BN)")
+    symmetric: bool = setting(False, help="MoCo: both views are queries, each against the other's key "
+                                          "(symmetric loss; twice the cost of a step)")
+    head_bn: bool = setting(False, help="MoCo: BatchNorm in the projection head (the MoCo v3 / SimCLR v2 head)")
     warmup_steps: int = setting(10, low=0, help="linear learning-rate warm-up steps")
     precision: str = setting("auto", choices=("auto", "bf16", "fp32"),
                              help="'bf16' autocast, 'fp32', or 'auto' (bf16 where the CPU has it natively)")
@@ -116,11 +121,11 @@ class PretrainSettings(Section):
             "shuffle_bn_splits": self.shuffle_bn_splits, "warmup_steps": self.warmup_steps,
             "precision": self.precision, "seed": int(self.seed),
         }
-        settings.update({k: getattr(self, k) for k in ("objective", "flip_p", "jitter_p")
+        settings.update({k: getattr(self, k) for k in ("objective", "flip_p", "jitter_p", "symmetric", "head_bn")
                          if getattr(self, k) != LATER_KEYS[k]})
         if self.objective != "moco":
             for key in MOCO_ONLY:
-                del settings[key]
+                settings.pop(key, None)
         return settings
 
     def backbone_spec(self, in_channels: int) -> BackboneSpec:
@@ -139,7 +144,8 @@ class PretrainSettings(Section):
         if self.objective == "moco":
             shared.update(queue_size=self.queue_size, temperature=self.temperature, momentum=self.momentum,
                           hidden_dim=self.hidden_dim, proj_dim=self.proj_dim,
-                          shuffle_bn_splits=self.shuffle_bn_splits)
+                          shuffle_bn_splits=self.shuffle_bn_splits, symmetric=self.symmetric,
+                          head_bn=self.head_bn)
         return PRETRAINERS[self.objective](self.backbone_spec(in_channels), **shared)
 
 

@@ -32,6 +32,15 @@ Preset section ``[rank]`` (:class:`RankSettings`)::
     targets_per_task = 64     # targets of one class per work item (load balance vs. overhead)
     workers = 0               # pool size; 0 = as many as the runtime can place
 
+``esvm_negative = true`` (with "esvm" among the methods) also writes the score-only
+variant ``"esvm@negative"``: ``EXP/scores/esvm@negative/classNNN.parquet``, esvm's
+scores with the other classes scored negatively by their likeness to the target
+(:class:`attribution.methods.similarity.ESVM`, ``negative_influence``; an
+interpretation of the paper's heuristic for ESVM's negative influence). It has no
+rankings: its ranking of the same-class candidates is esvm's, so the support search
+would repeat esvm's. A (variant, class) unit is done when its score block holds the
+same settings.
+
 Targets whose class has no training items cannot be ranked (there are no same-class
 candidates): they are skipped with a warning and listed under ``skipped_targets`` in
 the manifest; a number of random targets is drawn only among rankable test items.
@@ -89,6 +98,8 @@ class RankSettings(Section):
                             help='a class smaller than top_k: "keep" the whole class or "error"')
     targets_per_task: int = setting(64, low=1, help="targets of one class per work item")
     workers: int = setting(0, low=0, help="rank workers; 0: as many as the runtime can place")
+    esvm_negative: bool = setting(False, help='also the score-only variant "esvm@negative": other classes '
+                                              "scored negatively by their likeness to the target")
 
     def check(self) -> None:
         from attribution.esvm import available_solvers
@@ -99,6 +110,10 @@ class RankSettings(Section):
         if unknown or not self.methods:
             self.fail("methods", f"has unknown ranking method(s) {unknown or list(self.methods)}; "
                                  f"choose from {known}")
+        if self.esvm_negative and ("esvm" not in self.methods or not self.same_class):
+            self.fail("esvm_negative", 'needs "esvm" in rank.methods and rank.same_class = true (it scores the '
+                                       "other classes of esvm's same-class rankings); add esvm or set "
+                                       "esvm_negative = false")
         if self.solver not in available_solvers():
             self.fail("solver", f"must be one of {available_solvers()} (the ESVM solvers), got {self.solver!r}")
         targets = self.targets
@@ -109,6 +124,15 @@ class RankSettings(Section):
     def targets_setting(self):
         """``targets`` as the preset wrote it (a list, not a tuple)."""
         return list(self.targets) if isinstance(self.targets, tuple) else self.targets
+
+    def score_variants(self) -> tuple[str, ...]:
+        """The score-only variants the settings ask for (score blocks, no rankings)."""
+        return (ESVM_NEGATIVE,) if self.esvm_negative else ()
+
+
+ESVM_NEGATIVE = "esvm@negative"
+# score-only variants: constructor parameters added to their base method's
+VARIANT_PARAMS = {ESVM_NEGATIVE: {"negative_influence": True}}
 
 
 # ----------------------------------------------------------------------------- methods from settings
@@ -131,6 +155,7 @@ def method_params(config: RankSettings, method: str, device: str = "cpu", thread
                 params["solver_params"] = {"num_threads": int(threads), **params["solver_params"]}
     if "device" in accepted:
         params["device"] = device
+    params.update(VARIANT_PARAMS.get(method, {}))
     return params
 
 
@@ -242,7 +267,9 @@ class RankWorker(QueueWorker):
 
     def __call__(self, item) -> ScoreBlock:
         method, _label, _chunk, positions = item
-        return self.method(method).score(self.test.take(positions))
+        block = self.method(method).score(self.test.take(positions))
+        block.method = method  # a variant ("esvm@negative") is computed by its base method's class
+        return block
 
 
 def item_name(item) -> str:
@@ -260,8 +287,9 @@ class RankUnit:
     method: str
     label: int
     positions: np.ndarray  # into the test embeddings
-    path: Path             # the ranking file
+    path: Path             # the ranking file (never written for a score-only variant)
     settings: dict
+    ranked: bool = True    # False: a score-only variant (score block, no ranking)
 
     @property
     def block(self) -> str:
@@ -313,21 +341,26 @@ class RankStage(Stage):
         for label in np.unique(target_labels):
             label = int(label)
             class_positions = positions[target_labels == label]
-            for method in config.methods:
+            for method in config.methods + config.score_variants():
                 unit = RankUnit(method, label, class_positions, rankings / ranking_file_name(method, label),
-                                unit_settings(config, method, test.ids[class_positions]))
-                if self.unit_done(unit):
-                    reused.append(unit.path.name)
+                                unit_settings(config, method, test.ids[class_positions]),
+                                ranked=method in config.methods)
+                if self.unit_done(unit, train.ids):
+                    reused.append(unit.path.name if unit.ranked else unit_name(unit))
                 else:
                     todo.append(unit)
         return Plan(todo, reused, {"train": train, "test": test, "positions": positions, "skipped": skipped,
                                    "short_classes": short})
 
-    def unit_done(self, unit: RankUnit) -> bool:
-        """True when the unit's ranking holds the same settings and its score block exists;
-        raises :class:`SettingsChanged` when the ranking holds other settings."""
+    def unit_done(self, unit: RankUnit, train_ids) -> bool:
+        """True when the unit's ranking holds the same settings and its score block exists
+        (a score-only unit: its block holds the same settings); raises
+        :class:`SettingsChanged` when the ranking (block) holds other settings."""
         fix = (f"delete rankings/{unit.method}-*.parquet and scores/{unit.method} in {self.exp.root} to "
                "recompute them, or use a new --exp")
+        if not unit.ranked:
+            return self.store.reuse(unit.method, unit.block, unit.settings, train_ids,
+                                    f"delete scores/{unit.method} in {self.exp.root} to recompute it, or use a new --exp")
         legacy = legacy_settings(unit.path)
         if legacy is not None:  # written by the old rank stage: no score block yet
             changes = differences(legacy, unit.settings)
@@ -375,9 +408,9 @@ class RankStage(Stage):
                 block = concat_blocks([entry["blocks"][i] for i in range(entry["chunks"])])
                 entry["blocks"] = {}
                 self.store.write(block, unit.block, unit.settings)
-                # the ranking last: it marks the unit done
-                write_ranking(block, config.top_k, unit.path, unit.settings)
-                computed.append(unit.path.name)
+                if unit.ranked:  # the ranking last: it marks the unit done
+                    write_ranking(block, config.top_k, unit.path, unit.settings)
+                computed.append(unit.path.name if unit.ranked else unit_name(unit))
                 if bar is not None:
                     bar.set_postfix(files=len(computed), refresh=False)
         finally:
@@ -410,7 +443,8 @@ class RankStage(Stage):
             target_ids=[int(i) for i in test.ids[positions]],
             n_targets=int(len(positions)),
             targets_setting=config.targets_setting(),
-            methods=list(config.methods), top_k=config.top_k, solver=config.solver,
+            methods=list(config.methods), score_variants=list(config.score_variants()),
+            top_k=config.top_k, solver=config.solver,
             solver_params=config.solver_params, max_candidates=config.max_candidates or None,
             candidate_metric=config.candidate_metric, same_class=config.same_class,
             seed=config.seed, on_short=config.on_short,
@@ -425,6 +459,11 @@ class RankStage(Stage):
         return {"targets": int(len(positions)), "methods": list(config.methods), "top_k": config.top_k,
                 "solver": config.solver, "rows": rows, "computed_files": len(result["computed"]),
                 "reused_files": len(plan.reused)}
+
+
+def unit_name(unit: RankUnit) -> str:
+    """How a score-only unit is listed among computed / reused files: its score block."""
+    return f"scores/{unit.method}/{unit.block}.parquet"
 
 
 def legacy_settings(path: Path) -> dict | None:

@@ -30,12 +30,6 @@ class ReportSettings(Section):
     jaccard_ks: tuple[int, ...] = setting((10, 100), low=1, help="the k of the top-k overlap tables")
     grid_targets: int = setting(4, low=0, help="targets in the image grid (0: no grid)")
     grid_top: int = setting(8, low=0, help="top-ranked training images per method in the grid (0: no grid)")
-    lds_fill: float | str = setting("min", help="LDS score of training images a ranking does not list: "
-                                                "a number, or 'min' (each target's lowest listed score)")
-
-    def check(self) -> None:
-        if isinstance(self.lds_fill, str) and self.lds_fill != "min":
-            self.fail("lds_fill", f"must be a number or 'min', got {self.lds_fill!r}")
 
 
 @register_stage
@@ -70,7 +64,7 @@ class ReportStage(Stage):
         try:
             md_path, html_path = write_report(
                 self.exp.root, n_boot=c.n_boot, confidence=c.confidence, seed=c.seed, jaccard_ks=c.jaccard_ks,
-                grid_targets=c.grid_targets, grid_top=c.grid_top, lds_fill=c.lds_fill)
+                grid_targets=c.grid_targets, grid_top=c.grid_top)
         except ReportError as error:  # nothing to report on: refused like any stage's missing input
             raise StageInputMissing(str(error)) from error
         return {"markdown": str(md_path), "html": str(html_path)}

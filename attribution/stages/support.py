@@ -138,12 +138,12 @@ class SupportSettings(RetrainPoolSettings):
         if not self.modes or len(set(self.modes)) != len(self.modes):
             self.fail("modes", f"must be a non-empty subset of {list(MODES)}, got {list(self.modes)}")
         if self.methods:
-            from attribution.methods import available_methods
+            from attribution.methods import available_methods, is_method
 
-            unknown = [m for m in self.methods if m not in available_methods()]
+            unknown = [m for m in self.methods if not is_method(m)]
             if unknown:
-                self.fail("methods", f"must name registered methods {available_methods()} (or be empty: every "
-                                     f"method in EXP/rankings), got unknown {unknown}")
+                self.fail("methods", f"must name registered methods {available_methods()} or their variants "
+                                     f"(<method>@<tag>; or be empty: every method in EXP/rankings), got unknown {unknown}")
         try:
             self.recipe().train_config(device="cpu")
         except ValueError as error:

@@ -5,34 +5,53 @@ the ``"trak"`` method (:mod:`attribution.methods.trak`, MadryLab's ``traker``) s
 every training image from ``checkpoints`` full-data models; the scores go to the score
 store and rank the training images (all classes by default, TRAK's native view).
 
+Variants (:func:`attribution.methods.variant_name`), each with its own score blocks,
+rankings and cost (``method_seconds`` in the manifest section):
+
+- ``budgets`` (checkpoint counts M, e.g. [1, 5, 20]): ``"trak@m<M>"`` from the first M
+  checkpoints (the budget equal to ``checkpoints`` is plain ``"trak"``). One
+  featurization of the largest M serves every budget (each checkpoint's features are
+  finalized on their own, so the first M of them are exactly what featurizing M gives);
+  a budget's ``method_seconds`` is what it would take from scratch: the stage's fixed
+  work + training, featurizing and scoring ITS M checkpoints (per-checkpoint timings).
+- ``variants = ["same-class"]``: ``"trak@same-class"``, native trak's scores restricted
+  to the target's class (:func:`attribution.methods.trak.same_class_view`: candidates
+  = the class, outside entries by the "min" policy, ranking of the same-class images),
+  so the report can show what the restriction does. Derived from trak's blocks, it
+  costs what trak does.
+
 The checkpoints are the support stage's full-data ensemble models: the [support]
 recipe and torch seeds ``retrain.training_seed(support.seed, i)`` for i = 0 ..
-checkpoints-1, trained with one torch thread as the retraining workers do, so the
+M-1, trained with one torch thread as the retraining workers do, so the
 weights are the same. They are trained in this process (an MLP takes well under a
 second) and TRAK runs in this process too, on its GPU when it has one: the stage is one
 featurize pass per checkpoint, nothing to spread over workers at this size, so it needs
 no runtime.
 
 Outputs (all written atomically):
-- ``EXP/trak/checkpoints/model-NNN.pt``: state dict, recipe fingerprint, torch seed;
-  reused when the recipe and seed match.
+- ``EXP/trak/checkpoints/model-NNN.pt``: state dict, recipe fingerprint, torch seed and
+  training seconds; reused when the recipe and seed match.
 - ``EXP/trak/features/``: traker's save directory, deleted and recreated by every
   computing run (traker 0.3.2 cannot be told to ignore a stale one).
-- ``EXP/scores/trak/classNNN.parquet``: the score block of each class of targets (every
-  training image; :class:`attribution.scores.ScoreStore`). Targets are scored
+- ``EXP/scores/<variant>/classNNN.parquet``: the score block of each class of targets
+  (every training image; :class:`attribution.scores.ScoreStore`). Targets are scored
   ``target_chunk`` at a time, which bounds traker's finalize_scores memory.
-- ``EXP/rankings/trak-classNNN.parquet``: derived from the block
-  (:func:`attribution.scores.rank_block`), written last: it marks the class done.
+- ``EXP/rankings/<variant>-classNNN.parquet``: derived from the block
+  (:func:`attribution.scores.rank_block`), written last: it marks the unit done.
 
-Resume: a class whose ranking exists with the same settings is skipped (when all are,
-the stage does nothing); a class whose score block exists with the same settings only
-has its ranking derived again. Files with other settings are refused with the
-differing keys named, unless the stage runs with ``force=True`` (``attribution trak
---force``): the files it replaces are moved aside and restored if the run fails.
+Resume, per (variant, class): a unit whose ranking exists with the same settings is
+skipped (when all are, the stage does nothing); a unit whose score block exists with
+the same settings only has its ranking derived again (same-class: derived again from
+trak's stored block). Files with other settings, or of trak variants the settings no
+longer ask for, are refused with the differing keys named, unless the stage runs with
+``force=True`` (``attribution trak --force``): the files it replaces are moved aside
+and restored if the run fails.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +64,8 @@ from attribution.settings import Section, setting
 from attribution.stages import Flag, Plan, Stage, register_stage
 
 METHOD = "trak"
+SAME_CLASS = "same-class"
+VARIANTS = (SAME_CLASS,)
 
 
 @dataclass
@@ -54,6 +75,12 @@ class TrakSettings(Section):
     section: ClassVar[str] = "trak"
 
     checkpoints: int = setting(5, low=1, help="full-data models featurized (TRAK's M; the paper: 100 on CIFAR-10)")
+    budgets: tuple[int, ...] = setting(default_factory=tuple, low=1,
+                                       help='checkpoint counts, each a variant "trak@m<M>" (the one equal to '
+                                            'checkpoints is "trak"); empty: only checkpoints')
+    variants: tuple[str, ...] = setting(default_factory=tuple, choices=VARIANTS,
+                                        help='"same-class": also "trak@same-class", trak restricted to the '
+                                             "target's class")
     proj_dim: int = setting(256, low=1, help="random projection of the per-example gradients (paper: 20480)")
     same_class: bool = setting(False, help="false: rank every training image (native); true: the target's class")
     top_k: int | None = setting(None, low=1, help="rows per target; unset: the rank stage's top_k")
@@ -67,12 +94,56 @@ class TrakSettings(Section):
     def check(self) -> None:
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             self.fail("device", f'must be "auto", "cpu" or "cuda[:i]", got {self.device!r}')
+        self.budgets = tuple(sorted(set(int(m) for m in self.budgets)))
+        self.variants = tuple(dict.fromkeys(self.variants))
+        if SAME_CLASS in self.variants and self.same_class:
+            self.fail("variants", '"same-class" derives the class-restricted view from native (all-class) trak, '
+                                  "but trak.same_class = true already restricts it; set same_class = false or "
+                                  'drop "same-class" from trak.variants')
 
     def method_params(self) -> dict:
         """The ``"trak"`` method's constructor parameters from this section."""
         return {"proj_dim": self.proj_dim, "lambda_reg": self.lambda_reg, "seed": self.seed,
                 "batch_size": self.batch_size, "max_projector_mb": self.max_projector_mb, "device": self.device,
                 "same_class": self.same_class}
+
+    def budget_variants(self) -> dict[str, int]:
+        """{method or variant name: checkpoint count} of the scored variants, by count:
+        "trak" at ``checkpoints`` and "trak@m<M>" for every other budget."""
+        from attribution.methods import variant_name
+
+        counts = sorted(set(self.budgets) | {self.checkpoints})
+        return {(METHOD if m == self.checkpoints else variant_name(METHOD, f"m{m}")): m for m in counts}
+
+    def derived_variants(self) -> list[str]:
+        """The variants derived from trak's scores (no scoring of their own)."""
+        from attribution.methods import variant_name
+
+        return [variant_name(METHOD, tag) for tag in self.variants]
+
+    def all_variants(self) -> list[str]:
+        return list(self.budget_variants()) + self.derived_variants()
+
+
+@dataclass
+class Unit:
+    """One (method or variant, class of targets): one score block and one ranking file."""
+
+    method: str
+    label: int
+    checkpoints: int | None  # None: derived (same-class) from trak's block
+    scores: dict             # the block's settings
+    ranking: dict            # the ranking's settings
+
+    @property
+    def block(self) -> str:
+        return block_name(self.label)
+
+    @property
+    def file(self) -> str:
+        from attribution.ranking import ranking_file_name
+
+        return ranking_file_name(self.method, self.label)
 
 
 @register_stage
@@ -87,13 +158,14 @@ class TrakStage(Stage):
                   option="force"),)
     help = "TRAK baseline (traker): checkpoints, features, scores, rankings"
     description = ("Train the [support] recipe's full-data models, compute TRAK scores with traker for every "
-                   "target the rank stage ranked and derive the trak rankings. A rerun with the same settings "
-                   "does nothing; changed settings are refused unless --force.")
+                   "target the rank stage ranked and derive the trak rankings (and those of the [trak] "
+                   "budgets and variants). A rerun with the same settings does nothing; changed settings "
+                   "are refused unless --force.")
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> Plan:
         from attribution.methods import create_method
-        from attribution.ranking import ranked_targets, ranking_file_name
+        from attribution.ranking import ranked_targets
         from attribution.retraining import recipe_fingerprint, target_arrays, training_arrays
         from attribution.scores import ScoreStore
 
@@ -119,32 +191,51 @@ class TrakStage(Stage):
         fingerprint = recipe_fingerprint(config, data.key(), support.seed, len(train["ids"]))
         method = create_method(METHOD, **s.method_params(), save_dir=self.exp.path("trak") / "features",
                                progress=self.progress)
-        common = {**method.settings(), "checkpoints": s.checkpoints, "recipe": fingerprint}
+        common = {**method.settings(), "recipe": fingerprint}
 
         store = ScoreStore(self.exp.path("scores"))
         rankings = self.exp.path("rankings")
         fix = (f"rerun with --force ('attribution trak --force') to recompute the trak scores and rankings, delete "
-               f"{rankings}/trak-*.parquet and {store.folder / METHOD}, or use a new --exp")
+               f"{rankings}/trak*-*.parquet and {store.folder}/trak*, or use a new --exp")
         labels = np.asarray(targets["labels"], np.int64)
         classes = [int(c) for c in np.unique(labels)]
-        todo, rerank, reused, wanted = [], [], [], {}
+        units = []
         for c in classes:
-            scores_key = {**common, "targets": ids_digest(target_ids[labels == c])}
-            wanted[c] = {"scores": scores_key, "ranking": {**scores_key, "top_k": top_k}}
-            if reuse(rankings / ranking_file_name(METHOD, c), wanted[c]["ranking"], fix, force):
-                reused.append(c)
-            elif store.reuse(METHOD, block_name(c), scores_key, train["ids"], fix, force):
-                rerank.append(c)  # the scores are there: only the ranking is derived again
+            digest = ids_digest(target_ids[labels == c])
+            for name, m in s.budget_variants().items():
+                key = {**common, "checkpoints": m, "targets": digest}
+                units.append(Unit(name, c, m, key, {**key, "top_k": top_k}))
+            trak_key = {**common, "checkpoints": s.checkpoints, "targets": digest}
+            for name in s.derived_variants():
+                key = {**trak_key, "view": SAME_CLASS}
+                units.append(Unit(name, c, None, key, {**key, "top_k": top_k}))
+        todo, rerank, derive, reused = [], [], [], []
+        for unit in units:
+            # done: the ranking (written last) with these settings, and its score block
+            if reuse(rankings / unit.file, unit.ranking, fix, force) and \
+                    store.block_path(unit.method, unit.block).exists():
+                reused.append(unit)
+            elif store.reuse(unit.method, unit.block, unit.scores, train["ids"], fix, force):
+                rerank.append(unit)  # the scores are there: only the ranking is derived again
+            elif unit.checkpoints is None:
+                derive.append(unit)  # from trak's block (stored, or computed by this run)
             else:
-                todo.append(c)
-        stale = [p for p in rankings.glob(f"{METHOD}-class*.parquet") if class_of(p.stem) not in classes]
-        stale += [p for p in (store.folder / METHOD).glob("class*.parquet") if class_of(p.stem) not in classes]
+                todo.append(unit)
+        # files of trak variants the settings no longer ask for, or of classes no target has now
+        wanted = set(s.all_variants())
+        stale = [p for p in rankings.glob(f"{METHOD}*-class*.parquet")
+                 if is_trak_file(p.stem.rsplit("-class", 1)[0]) and
+                 (p.stem.rsplit("-class", 1)[0] not in wanted or class_of(p.stem) not in classes)]
+        for folder in store.folder.glob(f"{METHOD}*"):
+            if folder.is_dir() and is_trak_file(folder.name):
+                stale += [p for p in folder.glob("class*.parquet")
+                          if folder.name not in wanted or class_of(p.stem) not in classes]
         if stale and not force:
-            raise ValueError(f"{sorted(p.name for p in stale)} hold classes no target of the rank stage has now (the "
-                             "rank stage's targets changed); rerun with --force ('attribution trak --force') or use "
-                             "a new --exp")
-        return Plan(todo=todo, reused=reused, extra={
-            "rerank": rerank, "stale": stale, "wanted": wanted, "top_k": top_k, "method": method, "train": train,
+            raise ValueError(f"{sorted(str(p.relative_to(self.exp.root)) for p in stale)[:6]} hold trak variants "
+                             "the [trak] settings no longer ask for, or classes no target of the rank stage has "
+                             "now; rerun with --force ('attribution trak --force') or use a new --exp")
+        return Plan(todo=todo, reused=[u.file for u in reused], extra={
+            "rerank": rerank, "derive": derive, "stale": stale, "top_k": top_k, "method": method, "train": train,
             "targets": targets, "config": config, "recipe": fingerprint, "support_seed": int(support.seed),
             "store": store})
 
@@ -157,24 +248,41 @@ class TrakStage(Stage):
 
     def replaced(self, plan: Plan) -> list:
         """The existing files this run deletes or rewrites (only ``--force`` gets here with any)."""
-        from attribution.ranking import ranking_file_name
-
         x, rankings = plan.extra, self.exp.path("rankings")
-        paths = list(x["stale"]) + [rankings / ranking_file_name(METHOD, c) for c in x["rerank"] + plan.todo]
-        paths += [x["store"].block_path(METHOD, block_name(c)) for c in plan.todo]
+        units = x["rerank"] + x["derive"] + plan.todo
+        paths = list(x["stale"]) + [rankings / u.file for u in units]
+        paths += [x["store"].block_path(u.method, u.block) for u in x["derive"] + plan.todo]
         return [p for p in paths if p.exists()]
 
     def compute_all(self, plan: Plan) -> dict:
         x = plan.extra
         for path in x["stale"]:
             path.unlink(missing_ok=True)
-        result = {"computed": [], "trained_checkpoints": 0, "train_seconds": 0.0}
-        for c in x["rerank"]:
-            block = x["store"].read(METHOD, block_name(c))
-            result["computed"].append(self.write_ranking(block, c, x["wanted"][c], x["top_k"]))
+        result = {"computed": [], "trained_checkpoints": 0, "train_seconds": 0.0, "blocks": {}}
+        for unit in x["rerank"]:
+            block = x["store"].read(unit.method, unit.block)
+            result["computed"].append(self.write_ranking(block, unit, x["top_k"]))
         if plan.todo:
             self.compute(plan, result)
+        for unit in x["derive"]:
+            self.derive(unit, plan, result)
         return result
+
+    def derive(self, unit: Unit, plan: Plan, result: dict) -> None:
+        """A same-class unit from trak's block of its class (computed now or stored)."""
+        from attribution.methods.trak import same_class_view
+
+        x = plan.extra
+        block = result["blocks"].get(unit.label)
+        if block is None:
+            if not x["store"].reuse(METHOD, unit.block, {k: v for k, v in unit.scores.items() if k != "view"},
+                                    x["train"]["ids"], "rerun with --force ('attribution trak --force')"):
+                raise RuntimeError(f"trak's score block of class {unit.label} is missing: it is computed "
+                                   "before its same-class view")
+            block = x["store"].read(METHOD, unit.block)
+        view = same_class_view(block, x["train"]["labels"], unit.method)
+        x["store"].write(view, unit.block, unit.scores)
+        result["computed"].append(self.write_ranking(view, unit, x["top_k"]))
 
     def compute(self, plan: Plan, result: dict) -> None:
         """Checkpoints, TRAK features, and the score blocks and rankings of ``plan.todo``."""
@@ -187,76 +295,115 @@ class TrakStage(Stage):
 
         x = plan.extra
         s, train, targets, config, method = self.config, x["train"], x["targets"], x["config"], x["method"]
-        # 1) checkpoints: the support stage's full-data ensemble models
+        counts = sorted({u.checkpoints for u in plan.todo})
+        derive_from_now = {u.label for u in x["derive"]}
+        # 1) checkpoints: the support stage's full-data ensemble models (as many as the largest budget)
         start = time.perf_counter()
         trainer = retrain.Retrainer(config, train["images"], train["labels"], train["ids"], train["mean"],
                                     train["std"], train["num_classes"])
-        states, result["trained_checkpoints"] = train_checkpoints(
-            trainer, self.exp.path("trak") / "checkpoints", s.checkpoints, x["support_seed"], x["recipe"],
+        states, result["trained_checkpoints"], train_seconds = train_checkpoints(
+            trainer, self.exp.path("trak") / "checkpoints", counts[-1], x["support_seed"], x["recipe"],
             threads=1, progress=self.progress)
         result["train_seconds"] = time.perf_counter() - start
+        result["checkpoint_train_seconds"] = known_seconds(train_seconds)
 
         # 2) TRAK features (a fresh traker save dir), then scores target_chunk targets at a time
         image_shape = tuple(np.asarray(train["images"]).shape[1:])
         num_classes = int(train["num_classes"])
         method.fit(TrainingData(train["ids"], train["labels"], images=trainer.x, extra={
-            "model_fn": lambda: retrain.build_model(config.model, num_classes, image_shape, config.width), "checkpoints": states}))
+            "model_fn": lambda: retrain.build_model(config.model, num_classes, image_shape, config.width),
+            "checkpoints": states}))
         target_ids, labels = np.asarray(targets["ids"], np.int64), np.asarray(targets["labels"], np.int64)
-        rows_todo = np.flatnonzero(np.isin(labels, plan.todo))
-        remaining = {c: int((labels == c).sum()) for c in plan.todo}
-        parts: dict = {c: [] for c in plan.todo}
+        todo = {(u.label, u.checkpoints): u for u in plan.todo}
+        classes = sorted({u.label for u in plan.todo})
+        rows_todo = np.flatnonzero(np.isin(labels, classes))
+        remaining = {c: int((labels == c).sum()) for c in classes}
+        parts: dict = {key: [] for key in todo}
         chunks = range(0, len(rows_todo), s.target_chunk)
         for begin in tqdm(chunks, desc="trak score chunks", unit="chunk", disable=not self.progress,
                           file=sys.stderr, dynamic_ncols=True):
             rows = rows_todo[begin:begin + s.target_chunk]
             images = retrain.to_tensor(np.asarray(targets["images"])[rows], train["mean"], train["std"])
-            block = method.score(Targets(target_ids[rows], labels[rows], images=images))
-            for c in np.unique(labels[rows]):
+            blocks = method.score_budgets(Targets(target_ids[rows], labels[rows], images=images), counts)
+            chunk_labels = labels[rows]
+            for c in np.unique(chunk_labels):
                 c = int(c)
-                parts[c].append(block.take(np.flatnonzero(block.target_labels == c)))
-                remaining[c] -= int((block.target_labels == c).sum())
-                if remaining[c] == 0:  # every target of the class is scored: its block, then its ranking
-                    class_block = concat_blocks(parts.pop(c))
-                    x["store"].write(class_block, block_name(c), x["wanted"][c]["scores"])
-                    result["computed"].append(self.write_ranking(class_block, c, x["wanted"][c], x["top_k"]))
-        result.update(projector=method.projector_, device=method.device_,
-                      featurize_seconds=method.featurize_seconds_, score_seconds=method.score_seconds_)
+                at = np.flatnonzero(chunk_labels == c)
+                for m, block in blocks.items():
+                    if (c, m) in parts:
+                        parts[(c, m)].append(block.take(at))
+                remaining[c] -= len(at)
+                if remaining[c]:
+                    continue
+                # every target of the class is scored: its blocks, then its rankings
+                for m in counts:
+                    unit = todo.get((c, m))
+                    if unit is None:
+                        continue
+                    class_block = dataclasses.replace(concat_blocks(parts.pop((c, m))), method=unit.method)
+                    x["store"].write(class_block, unit.block, unit.scores)
+                    result["computed"].append(self.write_ranking(class_block, unit, x["top_k"]))
+                    if unit.method == METHOD and c in derive_from_now:
+                        result["blocks"][c] = class_block  # its same-class view follows
+        result.update(projector=method.projector_, device=method.device_, counts=counts,
+                      featurize_seconds=method.featurize_seconds_, score_seconds=method.score_seconds_,
+                      budget_seconds={m: {"train": float(sum(result["checkpoint_train_seconds"][:m])),
+                                          **method.seconds_of(m)} for m in counts})
 
-    def write_ranking(self, block, label: int, wanted: dict, top_k: int) -> str:
-        """The ranking file of one class, derived from its score block (written last: it marks the class done)."""
-        from attribution.ranking import ranking_file_name
+    def write_ranking(self, block, unit: Unit, top_k: int) -> str:
+        """The ranking file of one unit, derived from its score block (written last: it marks the unit done)."""
         from attribution.scores import write_ranking
 
-        path = self.exp.path("rankings") / ranking_file_name(METHOD, label)
-        return write_ranking(block, top_k, path, wanted["ranking"]).name
+        path = self.exp.path("rankings") / unit.file
+        return write_ranking(block, top_k, path, unit.ranking).name
 
     # ------------------------------------------------------------------ finish
     def finish(self, plan: Plan, result: dict) -> dict:
         s, x = self.config, plan.extra
         method = x["method"]
         projector = result.get("projector", method.settings()["projector"])
-        computed, reused = sorted(result["computed"]), [f"{METHOD}-class{c:03d}.parquet" for c in plan.reused]
+        computed, reused = sorted(result["computed"]), sorted(plan.reused)
         seconds = round(time.perf_counter() - self.started, 1)
+        variants = {name: {"checkpoints": m} for name, m in s.budget_variants().items()}
+        variants.update({name: {"derived_from": METHOD} for name in s.derived_variants()})
         summary = {"targets": len(x["targets"]["ids"]), "computed_files": len(computed), "reused_files": len(reused),
-                   "projector": projector, "proj_dim": s.proj_dim, "checkpoints": s.checkpoints}
+                   "projector": projector, "proj_dim": s.proj_dim, "checkpoints": s.checkpoints,
+                   "variants": list(variants)}
+        previous = (self.exp.manifest().get(self.name) or {}).get("method_seconds") or {}
+        method_seconds = {k: v for k, v in previous.items() if k in variants}  # variants still asked for
         if not computed:
-            # a run that only reused keeps the seconds of the run that computed
+            # a run that only reused keeps the seconds (and method_seconds) of the run that computed;
+            # files of variants no longer asked for may have been deleted (--force): drop their records
             self.exp.record_stage(self.name, reused=True, computed_files=[], reused_files=reused,
-                                  last_run_seconds=seconds)
+                                  last_run_seconds=seconds, variants=variants, method_seconds=method_seconds)
             return summary
         fields = {"settings": s.to_dict(), "recipe": x["recipe"], "projector": projector, "proj_dim": s.proj_dim,
-                  "checkpoints": s.checkpoints, "n_train": len(x["train"]["ids"]),
+                  "checkpoints": s.checkpoints, "budgets": sorted(set(s.budgets) | {s.checkpoints}),
+                  "variants": variants, "n_train": len(x["train"]["ids"]),
                   "n_targets": len(x["targets"]["ids"]), "top_k": x["top_k"], "same_class": s.same_class,
                   "seconds": seconds, "reused": False, "computed_files": computed, "reused_files": reused,
-                  "outputs": ["trak/checkpoints/", "trak/features/", "scores/trak/", "rankings/trak-*.parquet"]}
+                  "outputs": ["trak/checkpoints/", "trak/features/", "scores/trak*/", "rankings/trak*-*.parquet"]}
         if plan.todo:
+            measured = result["train_seconds"] + result["featurize_seconds"] + result["score_seconds"]
+            # the stage's fixed work (data, plan, writing) that every variant from scratch repeats
+            fixed = max(0.0, seconds - measured)
+            for unit in plan.todo:
+                part = result["budget_seconds"][unit.checkpoints]
+                method_seconds[unit.method] = round(fixed + part["train"] + part["featurize"] + part["score"], 1)
             fields.update(device=result["device"], trained_checkpoints=result["trained_checkpoints"],
                           train_seconds=round(result["train_seconds"], 1),
                           featurize_seconds=round(result["featurize_seconds"], 1),
-                          score_seconds=round(result["score_seconds"], 1))
+                          score_seconds=round(result["score_seconds"], 1), fixed_seconds=round(fixed, 1),
+                          budget_seconds={str(m): {k: round(v, 2) for k, v in part.items()}
+                                          for m, part in result["budget_seconds"].items()})
             summary["trained_checkpoints"] = result["trained_checkpoints"]
+        for name in s.derived_variants():  # derived from trak's scores: trak's cost
+            if METHOD in method_seconds:
+                method_seconds[name] = method_seconds[METHOD]
+        fields["method_seconds"] = method_seconds
         self.exp.record_stage(self.name, **fields)
         summary["seconds"] = seconds
+        summary["method_seconds"] = method_seconds
         return summary
 
 
@@ -271,3 +418,19 @@ def block_name(label: int) -> str:
 def class_of(stem: str) -> int:
     """The class of a per-class file name (``trak-class003`` or ``class003``)."""
     return int(stem.rsplit("class", 1)[1])
+
+
+def is_trak_file(method: str) -> bool:
+    """Whether a method name of a file is trak or one of its variants (``trak@m20``)."""
+    from attribution.methods import split_variant
+
+    return split_variant(method)[0] == METHOD
+
+
+def known_seconds(seconds: list[float]) -> list[float]:
+    """Per-checkpoint training seconds with the unknown ones (checkpoints stored before
+    the seconds were recorded: nan) replaced by the mean of the known ones (0 if none)."""
+    values = np.asarray(seconds, np.float64)
+    known = values[np.isfinite(values)]
+    fill = float(known.mean()) if len(known) else 0.0
+    return [float(v) if math.isfinite(v) else fill for v in values]
