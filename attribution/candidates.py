@@ -117,6 +117,7 @@ class CandidateIndex:
         self.dim_ = features.shape[1]
         self.classes_ = np.unique(labels)
         self._partitions: dict = {}
+        self._gpu_resources = None  # one StandardGpuResources shared by every partition's GPU index
         return self
 
     def _check_fitted(self):
@@ -151,9 +152,19 @@ class CandidateIndex:
             else:
                 cpu = faiss.IndexFlatL2(self.dim_)
             cpu.add(np.ascontiguousarray(exact, dtype=np.float32))
-            gpu = faiss.index_cpu_to_all_gpus(cpu) if self.use_gpu_ and len(positions) else None
+            gpu = self._to_gpu(cpu) if self.use_gpu_ and len(positions) else None
             self._partitions[key] = (positions, exact, cpu, gpu)
         return self._partitions[key]
+
+    def _to_gpu(self, cpu):
+        """A GPU copy of one partition's index on device 0, sharing one StandardGpuResources:
+        ``index_cpu_to_all_gpus`` makes new resources (their own scratch memory) per call, which
+        with ImageNet's 1,000 cached class partitions would not fit in a GPU."""
+        import faiss
+
+        if self._gpu_resources is None:
+            self._gpu_resources = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(self._gpu_resources, 0, cpu)
 
     # ------------------------------------------------------------------ queries
     def _check_queries(self, target_features, target_labels):

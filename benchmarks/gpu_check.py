@@ -352,9 +352,8 @@ def _gpu_free_bytes(ctx: Context) -> int | None:
 
 def _partition_memory_row(report: CheckReport, held: int, s: Sizes, imagenet_classes: int = 1000) -> None:
     """GPU memory the per-class GPU indexes hold, projected to ImageNet's classes: each
-    class partition is copied with ``faiss.index_cpu_to_all_gpus``, which makes a new
-    StandardGpuResources (its own scratch memory) per call, and every partition queried
-    stays cached; the projection must fit in the GPU."""
+    class partition is copied to the GPU (one StandardGpuResources shared by all partitions)
+    and every partition queried stays cached; the projection must fit in the GPU."""
     import torch
 
     total = torch.cuda.mem_get_info()[1]
