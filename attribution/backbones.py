@@ -92,7 +92,7 @@ FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "efficientnet_lite0": 1280}
 
 
 FEATURE_TAPS = ("pooled", "grid", "grid2")
-GRID = 4  # "grid" / "grid2" features: the third / second stage's map pooled to GRID x GRID cells
+GRID = 4  # default cells per side of the "grid" / "grid2" taps (BackboneSpec.grid)
 GRID_STAGES = {"grid": 3, "grid2": 2}  # the ResNet stage each grid tap reads
 
 
@@ -133,10 +133,11 @@ class BackboneSpec:
                                    # third stage's feature map average-pooled to a 4 x 4 grid and
                                    # flattened (ResNets; keeps where in the image a pattern is);
                                    # "grid2": the same of the second stage (finer, for stride-1 stems)
+    grid: int = GRID               # cells per side of the "grid" / "grid2" pooling
 
     # fields added after records were first stored: left out of to_dict() at these values,
     # so the records (checkpoints, embedding manifests) of existing backbones stay equal
-    LATER_FIELDS = {"width": 64, "stem_stride": 1, "features": "pooled"}
+    LATER_FIELDS = {"width": 64, "stem_stride": 1, "features": "pooled", "grid": GRID}
 
     def __post_init__(self):
         if self.name not in BACKBONES:
@@ -152,6 +153,8 @@ class BackboneSpec:
             raise ValueError(f"BackboneSpec.width must be an int >= 4 (ResNet base channels), got {self.width!r}")
         if self.features not in FEATURE_TAPS:
             raise ValueError(f"BackboneSpec.features must be one of {FEATURE_TAPS}, got {self.features!r}")
+        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 1:
+            raise ValueError(f"BackboneSpec.grid must be an int >= 1 (cells per side), got {self.grid!r}")
         if self.features in GRID_STAGES and self.name not in RESNETS:
             raise ValueError(f"BackboneSpec.features = {self.features!r} reads a ResNet's stage "
                              f"{GRID_STAGES[self.features]}; {self.name} has only 'pooled' features")
@@ -187,7 +190,7 @@ class BackboneSpec:
             return FEATURE_DIMS[self.name]
         pooled = FEATURE_DIMS[self.name] * self.width // 64
         if self.features in GRID_STAGES:
-            return pooled // 2 ** (4 - GRID_STAGES[self.features]) * GRID * GRID
+            return pooled // 2 ** (4 - GRID_STAGES[self.features]) * self.grid * self.grid
         return pooled
 
     @classmethod
@@ -216,7 +219,7 @@ class FeatureExtractor(nn.Module):
             x = t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x))))))
             if GRID_STAGES[self.spec.features] == 3:
                 x = t.layer3(x)
-            return torch.flatten(nn.functional.adaptive_avg_pool2d(x, GRID), 1)
+            return torch.flatten(nn.functional.adaptive_avg_pool2d(x, self.spec.grid), 1)
         return torch.flatten(self.trunk(x), 1)
 
     def preprocess(self, images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -594,7 +597,7 @@ def load_backbone(spec: BackboneSpec) -> FeatureExtractor:
                     + ", ".join(f"{k}={a!r} (file: {b!r})" for k, a, b in
                                 ((k, v[0], v[1]) for k, v in differ.items()))
                     + ". Build the spec with spec_from_checkpoint(path) to silence this.", stacklevel=2)
-            spec = replace(stored, features=spec.features)  # the read-out is the caller's, not the file's
+            spec = replace(stored, features=spec.features, grid=spec.grid)  # the read-out is the caller's
         elif fmt == "efficientnet" and spec.name != "efficientnet_lite0":
             raise CheckpointKeysError(f"{spec.checkpoint} is an EfficientNet checkpoint: use "
                                       f"BackboneSpec(name='efficientnet_lite0', ...), not {spec.name!r}")

@@ -246,7 +246,7 @@ class Pretrainer:
         size = spec.image_size or x.shape[-1]
         views = [moco_augment(x, generator, size, self.min_crop_scale, flip_p=self.flip_p, jitter_p=self.jitter_p)
                  for _ in range(count)]
-        return tuple((v - mean_t) / std_t for v in views)
+        return tuple(((v - mean_t) / std_t).contiguous(memory_format=torch.channels_last) for v in views)
 
     def _lr_at(self, progress: float) -> float:
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -273,7 +273,9 @@ class Pretrainer:
         try:
             torch.manual_seed(self.seed)  # initial weights of backbone and heads (and MoCo's queue)
             trunk, dim = build_trunk(self.backbone_spec)
+            # channels-last: oneDNN's convolutions on CPU run 5-10% faster in NHWC (measured)
             network = self._build(FeatureExtractor(trunk, dim, self.backbone_spec), images)
+            network = network.to(memory_format=torch.channels_last)
             trained = [p for p in network.parameters() if p.requires_grad]
             optimizer = torch.optim.SGD(trained, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
             rng = np.random.default_rng(self.seed)  # epoch orders
@@ -324,7 +326,9 @@ class Pretrainer:
             torch.set_num_threads(previous_threads)
         if step == 0:
             raise RuntimeError(f"{type(self).__name__}: time_budget_s={self.time_budget_s} ended before the first step")
-        self.network_ = network
+        # back to the standard layout: the saved weights, and features computed from them, are
+        # then those of any reloaded copy
+        self.network_ = network.to(memory_format=torch.contiguous_format)
         self.encoder_ = network.encoder.eval()
         self.steps_, self.planned_steps_ = step, total_steps
         self.seconds_ = round(time.perf_counter() - start, 2)

@@ -17,8 +17,8 @@ accuracy (train subset -> test subset):
 - EfficientNet-Lite0, ImageNet-supervised, images resized to 224 (slow on CPU).
 
 Each ResNet row is shown with every feature tap of the embed stage (``[embed] features``):
-"pooled" (the global-average-pooled last stage), "grid" (the third stage pooled to a
-4 x 4 grid) and "grid2" (the second stage pooled to 4 x 4).
+"pooled" (the global-average-pooled last stage), "grid" (the third stage pooled to an
+N x N grid) and "grid2" (the second stage pooled to N x N), N = the preset's embed.grid.
 
 Pretraining runs with the preset's pretrain.threads; --threads is for feature extraction.
 The trained rows note their steps, seconds and what stopped them (a "time_budget" stop
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     from attribution.stages.pretrain import PretrainSettings
 
     backbone = PretrainSettings.from_preset(preset).backbone_spec(in_channels=train.image_shape[-1])
+    grid = int(preset.get("embed", {}).get("grid", 4))  # the embed stage's grid pooling (--set embed.grid=N)
     results = []
 
     def report(name, train_x, test_x, seconds, note=""):
@@ -116,8 +117,9 @@ def main(argv=None) -> int:
         for features in FEATURE_TAPS:
             if seed_first is not None:
                 torch.manual_seed(seed_first)  # the same random weights for both taps
-            report(f"{describe(spec)}, {label}, {features}", *embed(load_backbone(replace(spec, features=features))),
-                   note)
+            tap = features if features == "pooled" else f"{features} {grid}x{grid}"
+            report(f"{describe(spec)}, {label}, {tap}",
+                   *embed(load_backbone(replace(spec, features=features, grid=grid))), note)
 
     if "random" not in skip:
         both_taps(backbone, "random init", f"torch seed {seed}", seed_first=seed)

@@ -242,6 +242,28 @@ def test_grid2_features_are_the_second_stage_pooled_to_4x4():
         BackboneSpec("efficientnet_lite0", features="grid2")
 
 
+def test_grid_sets_the_cells_per_side_also_for_a_checkpoint(tmp_path):
+    """grid = 7: the second stage (14 x 14) pooled to 7 x 7 cells (32 x 49 = 1,568-d), the
+    same weights as a 4 x 4 read-out; a checkpoint is read out at the caller's grid, and
+    the default grid stays out of the spec's record (old manifests keep their hash)."""
+    spec = BackboneSpec("resnet18", small_stem=True, in_channels=1, width=16, features="grid2")
+    assert "grid" not in spec.to_dict() and BackboneSpec(**{**spec.__dict__, "grid": 7}).to_dict()["grid"] == 7
+    torch.manual_seed(0)
+    path = save_backbone_checkpoint(load_backbone(spec), tmp_path / "moco.pt")
+    four = load_backbone(spec_from_checkpoint(path).__class__(**{**spec_from_checkpoint(path).__dict__,
+                                                                 "features": "grid2"}))
+    seven = load_backbone(BackboneSpec(**{**spec_from_checkpoint(path).__dict__, "features": "grid2", "grid": 7}))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        t = four.trunk
+        second = t.layer2(t.layer1(t.relu(t.bn1(t.conv1(x)))))
+        out = seven(x)
+    assert seven.dim == 32 * 49 == out.shape[1] and four.dim == 32 * 16
+    assert torch.allclose(out, nn.functional.adaptive_avg_pool2d(second, 7).flatten(1), atol=1e-5)
+    with pytest.raises(ValueError, match="grid must be an int >= 1"):
+        BackboneSpec("resnet18", grid=0)
+
+
 def test_a_checkpoint_is_read_out_with_the_requested_features(tmp_path):
     """A project checkpoint brings its architecture, but the read-out (pooled or grid)
     is the caller's: embedding a pretrained checkpoint with features = "grid" gives grid

@@ -56,6 +56,8 @@ class EmbedSettings(Section):
                             help="'pooled': the backbone's global-average-pooled output; 'grid' / 'grid2': its "
                                  "third / second stage pooled to a 4 x 4 grid (ResNets), for any checkpoint or "
                                  "random init")
+    grid: int = setting(4, low=1, help="cells per side of the 'grid' / 'grid2' pooling (7 on a 14 x 14 map: "
+                                       "2 x 2 px per cell)")
 
     def check(self) -> None:
         if self.backbone == "efficientnet_lite0" and self.small_stem:
@@ -116,7 +118,7 @@ class EmbedStage(Stage):
             if spec.name != c.backbone:
                 raise SettingsError(f"embed.backbone = {c.backbone!r} but {checkpoint} holds a {spec.name}: "
                                     f"set --set embed.backbone={spec.name}")
-            overrides = {"features": c.features} if c.features != spec.features else {}
+            overrides = {k: getattr(c, k) for k in ("features", "grid") if getattr(c, k) != getattr(spec, k)}
             if c.image_size is not None:
                 overrides["image_size"] = c.image_size or None
             if c.normalize is not None:
@@ -131,7 +133,8 @@ class EmbedStage(Stage):
             name=c.backbone, small_stem=small_stem,
             in_channels=c.in_channels if c.in_channels is not None else (channels if resnet else 3),
             image_size=c.image_size or None, normalize=c.normalize or "auto",
-            width=c.width if resnet else 64, stem_stride=c.stem_stride if resnet else 1, features=c.features)
+            width=c.width if resnet else 64, stem_stride=c.stem_stride if resnet else 1, features=c.features,
+            grid=c.grid)
 
     # ------------------------------------------------------------------ plan / run / finish
     def plan(self) -> Plan:
