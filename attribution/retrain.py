@@ -395,7 +395,11 @@ class Retrainer:
         return cls(config, images, data.labels, data.ids, data.mean, data.std, data.num_classes)
 
     def _batch(self, positions: torch.Tensor) -> torch.Tensor:
-        """Normalised images at ``positions`` (indexes of the full training set) on the device."""
+        return self.images_at(positions)
+
+    def images_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Normalised images at ``positions`` (indexes of the full training set) on the
+        device: rows of the held tensor, or decoded from the files batch by batch."""
         if self.x is not None:
             return self.x[positions.to(self.device)]
         pixels = self.image_source.images(positions.numpy())

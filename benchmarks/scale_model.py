@@ -63,6 +63,24 @@ def plot(projections, path: Path) -> None:
     plt.close(fig)
 
 
+def datamodels_projection(counts, epochs: int, gpus) -> dict:
+    """The A100-days of Datamodels' subset models on ImageNet (ResNet-18 on half the
+    training set each, FFCV's published time), and the days on each GPU count (the
+    models are independent: perfectly parallel)."""
+    from attribution.published_costs import FFCV_SOURCE, datamodels_gpu_hours
+
+    rows = [{"models": int(n), "alpha": 0.5, "epochs": int(epochs),
+             "gpu_days": datamodels_gpu_hours(int(n), 0.5, int(epochs)) / 24} for n in counts]
+    lines = [f"# {BANNER}: Datamodels subset models on ImageNet (ResNet-18, {epochs} epochs, alpha 0.5; "
+             f"{FFCV_SOURCE}, linear in the images seen)",
+             "| models | A100-days | " + " | ".join(f"days on {g} GPUs" for g in gpus) + " |",
+             "| ---: | ---: | " + " | ".join("---:" for _ in gpus) + " |"]
+    for row in rows:
+        lines.append(f"| {row['models']:,} | {row['gpu_days']:,.1f} | "
+                     + " | ".join(f"{row['gpu_days'] / g:,.2f}" for g in gpus) + " |")
+    return {"rows": rows, "lines": lines}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = ScaleInputs()
@@ -79,6 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-spread", type=float, default=defaults.seed_spread)
     parser.add_argument("--unit-costs", default=None,
                         help="JSON of benchmarks.unit_costs: its esvm_target_imagenet replaces the default")
+    parser.add_argument("--datamodels", type=int, nargs="+", default=[1000, 10_000, 100_000],
+                        help="subset-model counts whose ImageNet cost is projected (alpha 0.5, --epochs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the inputs and rows as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG of makespan vs GPUs here")
@@ -98,11 +118,15 @@ def main(argv=None) -> int:
     print("\n".join(describe_inputs(base)))
     print()
     print(format_table(projections))
+    datamodels = datamodels_projection(args.datamodels, args.epochs, args.gpus)
+    print()
+    print("\n".join(datamodels["lines"]))
     if args.out:
         from attribution.artifacts import write_json
 
         write_json(Path(args.out), {"label": BANNER, "inputs": asdict(base),
-                                           "rows": [p.row() for p in projections]})
+                                           "rows": [p.row() for p in projections],
+                                           "datamodels": datamodels["rows"]})
         print(f"# {BANNER}: written to {args.out}")
     if args.plot:
         plot(projections, Path(args.plot))

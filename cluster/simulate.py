@@ -44,16 +44,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from attribution.bisection import NOT_FOUND, BisectionSearch, Trial
+from attribution.published_costs import FFCV_RESNET18_1xA100_MINUTES, FFCV_SOURCE  # noqa: F401 (re-exported)
 
 BANNER = "SIMULATION (projected, not measured)"
 
-# FFCV's published ResNet-18 ImageNet training times on ONE A100 (minutes, per epoch
-# count; top-1 in the comment): github.com/libffcv/ffcv-imagenet README, "Configurations".
-FFCV_RESNET18_1xA100_MINUTES = {16: 35.0, 24: 51.6, 32: 68.9, 40: 85.5, 56: 119.4, 88: 187.3}
-# top-1: 16 -> 0.669, 24 -> 0.688, 32 -> 0.700, 40 -> 0.706, 56 -> 0.713, 88 -> 0.724
-
 SOURCES = {
-    "train_minutes": "FFCV ResNet-18 ImageNet, 1 x A100 (github.com/libffcv/ffcv-imagenet README table)",
+    "train_minutes": FFCV_SOURCE,
     "embed_images_per_gpu_s": "ResNet-50 v1.5 inference, mixed precision, batch 256, 1 x V100 16GB: 3,382 img/s "
                               "(NVIDIA DeepLearningExamples PyTorch/Classification/ConvNets/resnet50v1.5 README); "
                               "an A100 is faster, JPEG decoding may be slower",

@@ -34,8 +34,8 @@ def test_every_registered_stage_has_its_subcommand_with_its_flags():
      ["unknown stage(s) ['embedd'] (did you mean 'embed'?); stages: pretrain, embed"]),
     (["run", "quickstart", "--stages", "rank, suport"], ["unknown stage(s) ['suport'] (did you mean 'support'?)"]),
     (["run", "quickstart", "--stages", ","], ["--stages is empty"]),
-    (["run", "imagenet", "--stages", "trak"], ["--stages trak: the imagenet preset has no [trak] section",
-                                               "its stages are embed, rank, support, report"]),
+    (["run", "imagenet", "--stages", "datamodels"], ["--stages datamodels: the imagenet preset has no [datamodels] "
+                                                     "section", "its stages are embed, rank, trak, support, report"]),
     (["run", "quickstart", "--set", "suport.targets=1"],
      ["unknown preset section(s) or key(s) ['suport'] (did you mean 'support'?)"]),
     (["run", "quickstart", "--set", "top_k=3"], ["['top_k'] (did you mean 'rank.top_k' or"]),

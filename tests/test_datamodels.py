@@ -616,3 +616,26 @@ def test_inputs_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="another training subset"):  # rankings of another [data] subset
         stage(exp, InProcessRuntime())()
     assert not (exp.root / "datamodels").exists()  # refused before any work
+
+
+def test_imagenet_datamodels_is_refused_with_its_projected_cost_unless_confirmed(tmp_path):
+    """ImageNet Datamodels runs only when asked (a [datamodels] section), and then the
+    preflight (before any stage starts) refuses it with the projected A100-days unless
+    datamodels.accept_cost is set; nothing is written either way."""
+    from attribution.presets import load_preset
+
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
+    asked = {"data.root": str(tmp_path / "imagenet"), "datamodels.models": 1000}
+    assert "datamodels" not in parse_settings(load_preset("imagenet", {"data.root": "x"})).present
+    exp = Experiment(tmp_path / "exp")
+    stage = DatamodelsStage(exp, parse_settings(load_preset("imagenet", asked)))
+    # 1,100 models x 17.5 A100-minutes (half of FFCV's 35-minute 16-epoch ResNet-18 run)
+    assert stage.projected_gpu_hours() == pytest.approx(1100 * 17.5 / 60, rel=1e-5)
+    with pytest.raises(SettingsError, match=r"project to 321 A100-hours \(13\.4 A100-days.*datamodels\.accept_cost"):
+        stage.preflight(produced={"rankings"})
+    assert not (tmp_path / "exp").exists()
+    confirmed = DatamodelsStage(exp, parse_settings(load_preset("imagenet", {**asked, "datamodels.accept_cost": True})))
+    confirmed.preflight(produced={"rankings"})  # confirmed: no refusal
+    # the CPU recipes have no published cost: measured by the stage, never refused
+    assert DatamodelsStage(exp, parse_settings(load_preset("quickstart"))).projected_gpu_hours() is None

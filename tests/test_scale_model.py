@@ -145,3 +145,18 @@ def test_cli_labels_every_output_as_a_simulation(tmp_path, capsys):
     assert record["label"].startswith("SIMULATION") and record["inputs"]["targets"] == 2
     assert len(record["rows"]) == 2 * len(POLICIES)
     assert png.stat().st_size > 1000
+
+
+def test_datamodels_projection_scales_with_models_and_images():
+    """The ImageNet Datamodels projection: models x alpha x FFCV's 16-epoch time, and the
+    CLI prints it per GPU count, labelled a simulation."""
+    from attribution.published_costs import datamodels_gpu_hours, resnet18_imagenet_minutes
+    from benchmarks.scale_model import datamodels_projection
+
+    assert resnet18_imagenet_minutes(16) == FFCV_RESNET18_1xA100_MINUTES[16]
+    assert resnet18_imagenet_minutes(20) == pytest.approx(35.0 / 16 * 20)  # nearest published rate: 16 epochs
+    assert datamodels_gpu_hours(1000, 0.5, 16) == pytest.approx(1000 * 17.5 / 60, rel=1e-5)
+    projection = datamodels_projection([1000, 10_000], 16, [8, 64])
+    assert [r["models"] for r in projection["rows"]] == [1000, 10_000]
+    assert projection["rows"][1]["gpu_days"] == pytest.approx(10 * projection["rows"][0]["gpu_days"])
+    assert projection["lines"][0].startswith("# SIMULATION") and "| 1,000 | 12.2 | 1.52 | 0.19 |" in projection["lines"]

@@ -115,6 +115,42 @@ def test_the_trak_method_adapts_the_scorer(fmnist, tmp_path):
         create_method("trak").score(targets)
 
 
+def test_streamed_images_give_the_scores_of_the_held_tensor(fmnist, tmp_path):
+    """File-backed training sets: TRAK featurizes from StreamedImages (images decoded a
+    batch at a time, here through Retrainer.images_at over an ImageSet that refuses to
+    hand out more than one batch) and gets exactly the scores of the in-memory tensor."""
+    from attribution.baselines.trak import StreamedImages
+
+    train, test = fmnist
+    config = retrain.make_config("mlp", epochs=1)
+    held = retrain.Retrainer.from_imageset(config, train)
+
+    class OneBatchAtATime:  # an ImageSet-like source as FolderImageSet is: images(positions) from "files"
+        image_shape, largest = train.image_shape, 0
+
+        def __len__(self):
+            return len(train)
+
+        def images(self, positions):
+            OneBatchAtATime.largest = max(OneBatchAtATime.largest, len(positions))
+            return train.images(positions)
+
+    streamed = retrain.Retrainer(config, OneBatchAtATime(), train.labels, train.ids, train.mean, train.std, 10)
+    assert streamed.x is None
+    torch.manual_seed(0)
+    states = [mlp().state_dict(), mlp().state_dict()]
+    target_x = retrain.to_tensor(test.images(np.arange(4)), train.mean, train.std)
+    expected = TrakScorer(tmp_path / "held", proj_dim=16, batch_size=64, seed=1, progress=False).fit(
+        mlp, states, held.x, train.labels).score(target_x, test.labels[:4]).scores
+    images = StreamedImages(lambda p: streamed.images_at(torch.from_numpy(p)), len(train))
+    got = TrakScorer(tmp_path / "streamed", proj_dim=16, batch_size=64, seed=1, progress=False).fit(
+        mlp, states, images, train.labels).score(target_x, test.labels[:4]).scores
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert OneBatchAtATime.largest == 64  # never the whole set (300 images) at once
+    with pytest.raises(TypeError, match="slices"):
+        images[3]
+
+
 def test_proj_dim_must_be_below_train_size(fmnist, tmp_path):
     train, _ = fmnist
     x = retrain.to_tensor(train.images(np.arange(len(train))), train.mean, train.std)

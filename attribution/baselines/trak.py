@@ -197,7 +197,7 @@ class TrakScorer:
                                              dtype=torch.float32)
         return projector, "BasicProjector"
 
-    def _batches(self, x: torch.Tensor, y: torch.Tensor, device: str):
+    def _batches(self, x, y: torch.Tensor, device: str):
         for start in range(0, len(x), self.batch_size):
             yield x[start:start + self.batch_size].to(device), y[start:start + self.batch_size].to(device)
 
@@ -207,13 +207,15 @@ class TrakScorer:
 
         model_fn : builds the (untrained) model the state dicts belong to.
         checkpoints : M state dicts.
-        train_x : normalised NCHW float tensor (``attribution.retrain.to_tensor``).
+        train_x : normalised NCHW float tensor (``attribution.retrain.to_tensor``), or a
+            :class:`StreamedImages` (decoded from files ``batch_size`` images at a time).
         train_y : integer labels.
         """
         from tqdm.auto import tqdm
         from trak import TRAKer
 
-        train_x = torch.as_tensor(train_x, dtype=torch.float32)
+        if not isinstance(train_x, StreamedImages):
+            train_x = torch.as_tensor(train_x, dtype=torch.float32)
         train_y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
         n = len(train_x)
         if len(train_y) != n:
@@ -327,6 +329,29 @@ class TrakScorer:
                      *self.save_dir.glob(f"*/{exp_name}_grads.mmap")]:
             path.unlink(missing_ok=True)
         return results
+
+
+# ----------------------------------------------------------------------------- file-backed data
+
+
+class StreamedImages:
+    """A training set too large to hold, as :class:`TrakScorer` reads it: ``len(x)`` and
+    ``x[a:b]``, the normalised NCHW images of positions a..b-1 decoded on demand by
+    ``read(positions)`` (e.g. :meth:`attribution.retrain.Retrainer.images_at` over an
+    ImageFolder), so that featurizing holds one batch of images at a time."""
+
+    def __init__(self, read: Callable[[np.ndarray], torch.Tensor], n: int):
+        if int(n) < 1:
+            raise ValueError(f"StreamedImages needs at least one image, got n={n}")
+        self.read, self.n = read, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        if not isinstance(index, slice):
+            raise TypeError(f"StreamedImages takes slices (a batch of positions), got {type(index).__name__}")
+        return self.read(np.arange(*index.indices(self.n)))
 
 
 # ----------------------------------------------------------------------------- checkpoints

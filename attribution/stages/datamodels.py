@@ -91,6 +91,10 @@ ENTRY_SCHEMA = pa.schema([("target_id", pa.int64()), ("correlation", pa.list_(pa
 RECIPE_FIELDS = ("model", "epochs", "batch_size", "lr")
 
 
+# subset models projected above this many A100-hours need datamodels.accept_cost = true
+COST_CONFIRM_GPU_HOURS = 24.0
+
+
 @dataclass
 class DatamodelSettings(RetrainPoolSettings):
     """The [datamodels] section of a preset."""
@@ -117,6 +121,9 @@ class DatamodelSettings(RetrainPoolSettings):
     budgets: tuple[int, ...] = setting(default_factory=tuple, low=4,
                                        help="smaller model counts: variants datamodels@n<count> fitted on the "
                                             "first <count> models; empty: only `models`")
+    accept_cost: bool = setting(False, help="run even when the subset models' projected GPU cost exceeds "
+                                            f"{COST_CONFIRM_GPU_HOURS:g} A100-hours (ImageNet: refused "
+                                            "without it, with the projection)")
     zero_order: str = setting("entry", choices=("entry", "id"),
                               help="order of the images the lasso leaves at zero: entry strength along the "
                                    "l1 path (signed), or train id")
@@ -194,6 +201,40 @@ class DatamodelsStage(Stage):
     help = "Datamodels baseline: subset models, l1 regressions, scores, rankings, LDS models"
     description = ("Train models on random alpha-subsets, fit one sparse linear regression per ranked target, "
                    "write the datamodels scores and rankings and the LDS models. Resumes when rerun.")
+
+    # ------------------------------------------------------------------ checks
+    def preflight(self, produced=()) -> None:
+        super().preflight(produced)
+        self.check_cost()
+
+    def projected_gpu_hours(self) -> float | None:
+        """A100-hours of the subset and LDS models when a published training time covers
+        the recipe (ResNet-18 on ImageNet: FFCV's figures, attribution/published_costs.py);
+        None for the CPU-sized recipes, whose cost the stage measures instead."""
+        from attribution.published_costs import IMAGENET_TRAIN_IMAGES, datamodels_gpu_hours
+
+        s, data = self.config, self.settings.data
+        config = s.recipe(self.settings["support"].recipe()).train_config()
+        if data.dataset != "imagenet" or config.model != "resnet18":
+            return None
+        n_train = data.train_per_class * 1000 if data.train_per_class else IMAGENET_TRAIN_IMAGES
+        return datamodels_gpu_hours(int(s.models) + int(s.lds_models), float(s.alpha), int(config.epochs), n_train)
+
+    def check_cost(self) -> None:
+        """Refuse, before any work, subset models projected above COST_CONFIRM_GPU_HOURS
+        unless datamodels.accept_cost is set: the error carries the projection."""
+        from attribution.settings import SettingsError
+
+        hours = self.projected_gpu_hours()
+        if hours is None or hours <= COST_CONFIRM_GPU_HOURS or self.config.accept_cost:
+            return
+        s = self.config
+        raise SettingsError(
+            f"datamodels: {s.models} subset models + {s.lds_models} LDS models of ResNet-18 on "
+            f"{s.alpha:g} of the ImageNet training set project to {hours:,.0f} A100-hours "
+            f"({hours / 24:,.1f} A100-days; FFCV's published 35 min per 16-epoch training, linear in the "
+            f"images seen; Datamodels used 300,000 models on CIFAR-10). Confirm with --set "
+            "datamodels.accept_cost=true, or lower datamodels.models (the LDS models count too)")
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> Plan:

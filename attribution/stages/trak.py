@@ -178,9 +178,6 @@ class TrakStage(Stage):
         target_ids = ranked_targets(self.exp, self.name)
         data = self.settings.data
         train_set = data.load("train")
-        if not train_set.in_memory:
-            raise ValueError(f"the trak stage holds the training set in memory; {data.dataset} is read from files "
-                             "(too large): not supported yet")
         test_set = data.load("test", subset=False)
         try:
             targets = target_arrays(test_set, target_ids)
@@ -289,7 +286,9 @@ class TrakStage(Stage):
         from tqdm.auto import tqdm
 
         from attribution import retrain
-        from attribution.baselines.trak import train_checkpoints
+        import torch
+
+        from attribution.baselines.trak import StreamedImages, train_checkpoints
         from attribution.methods import Targets, TrainingData
         from attribution.scores import concat_blocks
 
@@ -299,8 +298,9 @@ class TrakStage(Stage):
         derive_from_now = {u.label for u in x["derive"]}
         # 1) checkpoints: the support stage's full-data ensemble models (as many as the largest budget)
         start = time.perf_counter()
-        trainer = retrain.Retrainer(config, train["images"], train["labels"], train["ids"], train["mean"],
-                                    train["std"], train["num_classes"])
+        # pixels held in memory, or the ImageSet of a file-backed dataset (decoded batch by batch)
+        trainer = retrain.Retrainer(config, train["images"] if "images" in train else train["image_set"],
+                                    train["labels"], train["ids"], train["mean"], train["std"], train["num_classes"])
         states, result["trained_checkpoints"], train_seconds = train_checkpoints(
             trainer, self.exp.path("trak") / "checkpoints", counts[-1], x["support_seed"], x["recipe"],
             threads=1, progress=self.progress)
@@ -308,9 +308,11 @@ class TrakStage(Stage):
         result["checkpoint_train_seconds"] = known_seconds(train_seconds)
 
         # 2) TRAK features (a fresh traker save dir), then scores target_chunk targets at a time
-        image_shape = tuple(np.asarray(train["images"]).shape[1:])
-        num_classes = int(train["num_classes"])
-        method.fit(TrainingData(train["ids"], train["labels"], images=trainer.x, extra={
+        image_shape, num_classes = trainer.image_shape, int(train["num_classes"])
+        # file-backed: TRAK reads the training images batch by batch from their files
+        images = trainer.x if trainer.x is not None else StreamedImages(
+            lambda positions: trainer.images_at(torch.from_numpy(positions)), len(train["ids"]))
+        method.fit(TrainingData(train["ids"], train["labels"], images=images, extra={
             "model_fn": lambda: retrain.build_model(config.model, num_classes, image_shape, config.width),
             "checkpoints": states}))
         target_ids, labels = np.asarray(targets["ids"], np.int64), np.asarray(targets["labels"], np.int64)
