@@ -456,6 +456,19 @@ def new_manifest(backbone_spec, checkpoint_sha256: str | None, dim: int, dtype: 
             "dim": int(dim), "dtype": dtype, "splits": {}}
 
 
+def experiment_relative(path: str | None, root: Path) -> str | None:
+    """A checkpoint path as the manifest records it: relative to the experiment ``root``
+    when the file is inside it (EXP/checkpoints/moco.pt -> "checkpoints/moco.pt"), so two
+    experiments embedded from equal checkpoints write equal manifests (an ablation reuses
+    the base's downstream work only when they are byte-equal); else as given."""
+    if not path:
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return path
+
+
 def _mismatch_fix(folder: Path) -> str:
     return f"Use a new experiment directory, or pass --overwrite to delete {folder} and recompute."
 
@@ -573,6 +586,7 @@ def plan_embedding(folder: str | os.PathLike, dataset_specs: Sequence[DatasetSpe
     dim = build_model(backbone_spec, seed).dim
     sha = checkpoint_hash(backbone_spec)
     wanted = new_manifest(backbone_spec, sha, dim, dtype, seed)
+    wanted["checkpoint"] = experiment_relative(wanted["checkpoint"], folder.parent)
     existing = read_manifest(folder) if not overwrite and (folder / MANIFEST_NAME).exists() else None
     if existing is not None:
         check_manifest(folder, existing, wanted)

@@ -127,6 +127,25 @@ def first_difference(a: Path, b: Path, paths_a: list[str], paths_b: list[str]) -
 # ----------------------------------------------------------------------------- whole stages
 
 
+def comparable_settings(config, recorded: dict) -> dict:
+    """``config.to_dict()`` without the keys the ``recorded`` settings lack that are at
+    their default: a setting added after the base ran, left at its default (which keeps
+    the behaviour from before it existed), is no change."""
+    import dataclasses
+
+    from attribution.settings import _plain
+
+    defaults = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = _plain(f.default_factory())
+    return {k: v for k, v in config.to_dict().items()
+            if k in recorded or k not in defaults or v != defaults[k]}
+
+
+
 class BaseReuse:
     """The base experiment of one pipeline run and what each stage took from it."""
 
@@ -178,7 +197,8 @@ class BaseReuse:
         section = self.base_manifest.get(name)
         if not isinstance(section, dict) or not isinstance(section.get("settings"), dict):
             return [], "the base has not run this stage"
-        changes = differences(section["settings"], stage.config.to_dict(), prefix=f"{name}.")
+        changes = differences(section["settings"], comparable_settings(stage.config, section["settings"]),
+                              prefix=f"{name}.")
         if changes:
             return [], "settings differ: " + "; ".join(changes[:3]) + ("; ..." if len(changes) > 3 else "")
         different = first_difference(self.exp.root, self.base.root, input_files(self.exp.root, name),

@@ -88,6 +88,31 @@ def test_an_ablation_that_changes_only_the_methods_retrains_nothing(base):
     assert len(read_dataset(exp.trainings)) == support["trainings_from_base"]
 
 
+def test_an_ablation_of_the_support_stage_only_reuses_every_earlier_stage(base):
+    """Only [support] differs: pretrain, embed AND rank are the base's. The embedding
+    manifest records the pretrained checkpoint relative to its experiment
+    ("checkpoints/moco.pt"), so the two experiments' manifests are byte-equal and the
+    rank stage sees unchanged inputs (it used to record each experiment's own path)."""
+    exp = Experiment(base.root.parent / "tiny-support-only")
+    preset = tiny_preset()
+    preset["support"] = {**preset["support"], "methods": ["esvm"]}
+    Pipeline(exp, preset, InProcessRuntime(), progress=False, base=base.root).run()
+    stages = exp.manifest()["base"]["stages"]
+    assert all(stages[s]["reused"] for s in ("pretrain", "embed", "rank")), stages
+    assert json.loads((exp.root / "embeddings" / "_manifest.json").read_text())["checkpoint"] == "checkpoints/moco.pt"
+
+
+def test_a_setting_added_since_the_base_ran_is_no_change_at_its_default():
+    from attribution.reuse import comparable_settings
+    from attribution.stages.datamodels import DatamodelSettings
+
+    config = DatamodelSettings.from_preset({"datamodels": {"models": 40}})
+    recorded = {k: v for k, v in config.to_dict().items() if k != "accept_cost"}  # an older base's record
+    assert comparable_settings(config, recorded) == recorded
+    confirmed = DatamodelSettings.from_preset({"datamodels": {"models": 40, "accept_cost": True}})
+    assert comparable_settings(confirmed, recorded)["accept_cost"] is True  # off its default: a change
+
+
 def test_new_features_recompute_from_embed_on_and_share_the_whole_class_trainings(base):
     before = snapshot(base.root)
     exp, summaries = run_ablation(base, "random-features")
