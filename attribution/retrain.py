@@ -394,9 +394,6 @@ class Retrainer:
         images = data.images(np.arange(len(data))) if data.in_memory else data
         return cls(config, images, data.labels, data.ids, data.mean, data.std, data.num_classes)
 
-    def _batch(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.images_at(positions)
-
     def images_at(self, positions: torch.Tensor) -> torch.Tensor:
         """Normalised images at ``positions`` (indexes of the full training set) on the
         device: rows of the held tensor, or decoded from the files batch by batch."""
@@ -471,7 +468,7 @@ class Retrainer:
             perm = torch.randperm(n, generator=generator)
             for start in range(0, n, config.batch_size):
                 batch = perm[start:start + config.batch_size]
-                x = self._batch(positions[batch])
+                x = self.images_at(positions[batch])
                 y = targets_all[batch.to(self.device)]
                 if config.augment != "none":
                     x = _augment(x, generator)

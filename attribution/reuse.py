@@ -131,19 +131,9 @@ def comparable_settings(config, recorded: dict) -> dict:
     """``config.to_dict()`` without the keys the ``recorded`` settings lack that are at
     their default: a setting added after the base ran, left at its default (which keeps
     the behaviour from before it existed), is no change."""
-    import dataclasses
-
-    from attribution.settings import _plain
-
-    defaults = {}
-    for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = _plain(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = _plain(f.default_factory())
+    defaults = config.defaults()
     return {k: v for k, v in config.to_dict().items()
             if k in recorded or k not in defaults or v != defaults[k]}
-
 
 
 class BaseReuse:

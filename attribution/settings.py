@@ -88,6 +88,17 @@ class Section:
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    @classmethod
+    def defaults(cls) -> dict:
+        """{key: default} of the keys that have one, in :meth:`to_dict`'s form."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = _plain(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = _plain(f.default_factory())
+        return out
+
     def fail(self, key: str, message: str):
         raise SettingsError(f"{self.section}.{key} {message}")
 
