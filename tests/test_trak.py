@@ -190,8 +190,47 @@ def test_budgets_are_the_first_checkpoints_of_one_featurization(fmnist, tmp_path
         scorer.score_budgets(targets, target_y, [4])
 
 
+def test_features_are_kept_per_checkpoint_and_resume_after_an_interruption(fmnist, tmp_path):
+    """A fit interrupted while featurizing its second checkpoint keeps the first; the
+    rerun featurizes only the second (resuming its finished batches) and scores exactly
+    as an uninterrupted fit; other settings, another identity or another checkpoint
+    are featurized afresh."""
+    from attribution.baselines.trak import StreamedImages
+
+    train, _ = fmnist
+    x = retrain.to_tensor(train.images(np.arange(128)), train.mean, train.std)
+    y = train.labels[:128]
+    torch.manual_seed(0)
+    states = [mlp().state_dict(), mlp().state_dict()]
+    make = lambda folder, **kw: TrakScorer(tmp_path / folder, proj_dim=8, batch_size=32, seed=3,
+                                           progress=False, **kw)
+    expected = make("whole").fit(mlp, states, x, y).score(x[:3], y[:3]).scores
+    reads = []
+
+    def failing(positions):  # the 7th batch read: the second checkpoint's third batch
+        reads.append(len(positions))
+        if len(reads) == 7:
+            raise KeyboardInterrupt("the machine went away")
+        return x[positions]
+
+    with pytest.raises(KeyboardInterrupt):
+        make("trak").fit(mlp, states, StreamedImages(failing, len(x)), y, identity={"recipe": "r1"})
+    assert (tmp_path / "trak" / "model-000.json").exists() and not (tmp_path / "trak" / "model-001.json").exists()
+    reads.clear()
+    again = make("trak").fit(mlp, states, StreamedImages(failing, len(x)), y, identity={"recipe": "r1"})
+    assert again.featurized_now_ == [1] and len(reads) == 2  # 2 batches were done before the interruption
+    np.testing.assert_allclose(again.score(x[:3], y[:3]).scores, expected, rtol=1e-5, atol=1e-6)
+    kept = make("trak").fit(mlp, states, x, y, identity={"recipe": "r1"})
+    assert kept.featurized_now_ == []
+    assert make("trak").fit(mlp, states, x, y, identity={"recipe": "r2"}).featurized_now_ == [0, 1]
+    assert make("trak", lambda_reg=0.1).fit(mlp, states, x, y, identity={"recipe": "r2"}).featurized_now_ == [0, 1]
+    other = [states[0], mlp().state_dict()]  # a different second checkpoint
+    assert make("trak", lambda_reg=0.1).fit(mlp, other, x, y, identity={"recipe": "r2"}).featurized_now_ == [1]
+
+
 def test_save_dir_is_fresh_and_guarded(fmnist, tmp_path):
-    """fit deletes its own traker folder (stale features never reused) but no foreign folder."""
+    """fit keeps only features of the same settings and checkpoints in its own traker
+    folder (stale features never reused) and refuses a foreign folder."""
     train, _ = fmnist
     x = retrain.to_tensor(train.images(np.arange(64)), train.mean, train.std)
     y = train.labels[:64]

@@ -20,9 +20,14 @@ checkpoints with :func:`train_checkpoints` and writes scores and rankings.
 
 Pitfalls of traker 0.3.2 handled here (docs/baselines.md):
 - ``load_from_save_dir=False`` is broken (``experiments.json`` is never created, so
-  scoring fails): the scorer always uses ``load_from_save_dir=True`` on a FRESH save
-  directory that it deletes and recreates in ``fit`` (stale features from other
-  settings are never picked up).
+  scoring fails): the scorer always uses ``load_from_save_dir=True`` on a save
+  directory whose settings it recorded (``attribution-features.json``): one made with
+  other settings is deleted and recreated (stale features are never picked up), one
+  with the same settings keeps its finished checkpoints.
+- Map / reduce over checkpoints (traker's SLURM pattern): each checkpoint is
+  featurized by :meth:`TrakScorer.featurize_checkpoint` in a TRAKer save dir of its
+  own (``work-NNN/``; parallel TRAKers on one save dir race on its JSON files), moved
+  into the shared dir when finalized; one TRAKer over the shared dir then scores.
 - Projector: ``CudaProjector`` needs CUDA and the ``fast_jl`` kernel (which often fails
   to build); otherwise :class:`BasicProjector` (dense Gaussian matrix). traker's own
   BasicProjector regenerates its matrix block by block for EVERY batch (100 columns a
@@ -56,6 +61,8 @@ import torch
 TASK = "image_classification"
 # Files traker writes into its save_dir: the folder is ours to delete only if it holds these.
 _TRAKER_MARKERS = ("metadata.json", "experiments.json")
+# What the features in a save dir were made with (TrakScorer.open_features).
+FEATURES_FILE = "attribution-features.json"
 
 
 def _basic_projector_class():
@@ -132,6 +139,7 @@ class TrakScorer:
     Parameters
     ----------
     save_dir : traker's working folder (projected gradients, features, score mmaps);
+        kept between runs with the same settings (finished checkpoints are reused), else
         deleted and recreated by ``fit``. It must be a folder only TRAK uses.
     proj_dim : dimension of the random projection of per-example gradients; must be
         smaller than the training-set size (X^T X is proj_dim x proj_dim).
@@ -178,11 +186,109 @@ class TrakScorer:
         folder = self.save_dir
         if folder.exists():
             entries = [p.name for p in folder.iterdir()]
-            if entries and not any(m in entries for m in _TRAKER_MARKERS):
+            if entries and not any(m in entries for m in (*_TRAKER_MARKERS, FEATURES_FILE)):
                 raise ValueError(f"save_dir {folder} is not empty and holds no traker files ({entries[:5]}); "
                                  "TrakScorer deletes its save_dir, so give it a folder of its own")
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
+
+    def feature_settings(self, n_train: int, identity: dict | None = None) -> dict:
+        """What the stored features depend on: a save dir recorded with other values is
+        started afresh by :meth:`open_features`."""
+        device = self.resolve_device()
+        return {"proj_dim": self.proj_dim, "lambda_reg": self.lambda_reg, "seed": self.seed,
+                "use_half_precision": self.use_half_precision, "max_projector_mb": self.max_projector_mb,
+                "grad_wrt": self.grad_wrt, "projector": projector_name(device), "n_train": int(n_train),
+                "identity": dict(identity or {})}
+
+    def open_features(self, n_train: int, identity: dict | None = None,
+                      digests: Sequence[str] | None = None) -> dict[int, float]:
+        """Keep the save dir when its features were made with these settings (and the
+        caller's ``identity``: checkpoints' recipe, training ids), else start it afresh.
+        Returns {model id: featurize seconds} of the checkpoints already finalized there
+        (each one's ``model-NNN.json``, with the :func:`state_digest` of the checkpoint
+        it was made from: one whose digest differs from ``digests[id]`` is redone); leftovers of an interrupted run (a checkpoint's
+        unfinished work folder is kept: traker resumes it batch by batch; target
+        gradients and score mmaps) are dealt with here."""
+        import json
+
+        from attribution.artifacts import write_json
+
+        wanted = self.feature_settings(n_train, identity)
+        marker = self.save_dir / FEATURES_FILE
+        stored = None
+        if marker.exists():
+            try:
+                stored = json.loads(marker.read_text())
+            except ValueError:
+                stored = None
+        if stored != json.loads(json.dumps(wanted)):
+            self._fresh_save_dir()
+            write_json(marker, wanted)
+        for path in [*self.save_dir.glob("scores/*.mmap"), *self.save_dir.glob("[0-9]*/*_grads.mmap")]:
+            path.unlink()  # target gradients / scores of an interrupted score call
+        done = {}
+        for path in self.save_dir.glob("model-*.json"):
+            model_id = int(path.stem.split("-")[1])
+            record = json.loads(path.read_text())
+            same = digests is not None and model_id < len(digests) and record.get("digest") == digests[model_id]
+            if same and (self.save_dir / f"id_{model_id}.json").exists() and (self.save_dir / str(model_id)).is_dir():
+                done[model_id] = float(record["seconds"])
+        return done
+
+    def featurize_checkpoint(self, model_fn: Callable[[], torch.nn.Module], state: dict, model_id: int,
+                             train_x, train_y, bar=None) -> float:
+        """Featurize and finalize ONE checkpoint into the save dir (which
+        :meth:`open_features` prepared): the map step of traker's map / reduce over
+        checkpoints, runnable in any process that sees the save dir.
+
+        It works in a folder of its own, ``work-NNN/`` (a TRAKer save dir holding only
+        this model id: parallel workers never write the same traker metadata), resumes
+        there batch by batch after an interruption (traker's per-image ``is_featurized``;
+        the images of a finished batch are not even read), then moves the finished
+        features into the shared save dir and writes ``model-NNN.json`` (its seconds)
+        last: the mark that this checkpoint is done. Returns its seconds."""
+        from trak import TRAKer
+
+        from attribution.artifacts import write_json
+
+        begin = time.perf_counter()
+        train_x = train_x if isinstance(train_x, StreamedImages) else torch.as_tensor(train_x, dtype=torch.float32)
+        train_y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+        n, model_id = len(train_x), int(model_id)
+        device = self.resolve_device()
+        model = model_fn().to(device)
+        n_grad = sum(p.numel() for name, p in model.named_parameters()
+                     if self.grad_wrt is None or name in self.grad_wrt)
+        projector, _ = self._projector(n_grad, device)
+        work = self.save_dir / f"work-{model_id:03d}"
+        work.mkdir(exist_ok=True)
+        traker = TRAKer(model=model, task=TASK, train_set_size=n, save_dir=str(work), load_from_save_dir=True,
+                        device=device, projector=projector, proj_dim=self.proj_dim,
+                        use_half_precision=self.use_half_precision, projector_seed=self.seed,
+                        grad_wrt=self.grad_wrt, lambda_reg=self.lambda_reg, logging_level=logging.WARNING)
+        if traker.saver.model_ids.get(model_id, {}).get("is_finalized") != 1:
+            traker.load_checkpoint(state, model_id=model_id)
+            done = np.asarray(traker.saver.current_store["is_featurized"]).reshape(-1) == 1
+            for start in range(0, n, self.batch_size):
+                stop = min(n, start + self.batch_size)
+                if not done[start:stop].all():
+                    traker.featurize(batch=(train_x[start:stop].to(device), train_y[start:stop].to(device)),
+                                     inds=np.arange(start, stop))
+                if bar is not None:
+                    bar.update(1)
+            # del_grads: the raw projected gradients are not needed once the features exist
+            traker.finalize_features(model_ids=[model_id], del_grads=True)
+        del traker
+        target = self.save_dir / str(model_id)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work / str(model_id), target)
+        os.replace(work / f"id_{model_id}.json", self.save_dir / f"id_{model_id}.json")
+        shutil.rmtree(work)
+        seconds = time.perf_counter() - begin
+        write_json(self.save_dir / f"model-{model_id:03d}.json", {"seconds": seconds, "digest": state_digest(state)})
+        return seconds
 
     def _projector(self, n_grad: int, device: str):
         """(projector or None = let TRAKer build its CUDA one, name)."""
@@ -202,14 +308,22 @@ class TrakScorer:
             yield x[start:start + self.batch_size].to(device), y[start:start + self.batch_size].to(device)
 
     # ------------------------------------------------------------------ fit / score
-    def fit(self, model_fn: Callable[[], torch.nn.Module], checkpoints: Sequence[dict], train_x, train_y) -> "TrakScorer":
-        """Featurize the training set for every checkpoint and finalize the features.
+    def fit(self, model_fn: Callable[[], torch.nn.Module], checkpoints: Sequence[dict], train_x, train_y,
+            identity: dict | None = None, featurize: Callable[[list[int]], dict[int, float]] | None = None
+            ) -> "TrakScorer":
+        """Featurize the training set for every checkpoint, then open the features for scoring.
 
         model_fn : builds the (untrained) model the state dicts belong to.
         checkpoints : M state dicts.
         train_x : normalised NCHW float tensor (``attribution.retrain.to_tensor``), or a
             :class:`StreamedImages` (decoded from files ``batch_size`` images at a time).
         train_y : integer labels.
+        identity : what else the features depend on (the checkpoints' recipe, the
+            training ids): features stored in the save dir with the same settings and
+            identity are kept, per checkpoint (:meth:`open_features`); others are deleted.
+        featurize : ``featurize(model_ids) -> {model id: seconds}`` featurizes those
+            checkpoints elsewhere (the trak stage fans them out over Ray workers, each
+            calling :meth:`featurize_checkpoint`); None: one after the other here.
         """
         from tqdm.auto import tqdm
         from trak import TRAKer
@@ -226,37 +340,42 @@ class TrakScorer:
             raise ValueError(f"proj_dim={self.proj_dim} must be smaller than the training-set size {n} "
                              f"(X^T X of {n} projected gradients is then singular); lower proj_dim, "
                              f"e.g. --set trak.proj_dim={max(1, n // 2)}")
+        start = time.perf_counter()
+        self.checkpoints_ = list(checkpoints)
+        self.n_train_ = n
+        seconds = self.open_features(n, identity, [state_digest(state) for state in self.checkpoints_])
+        todo = [i for i in range(len(self.checkpoints_)) if i not in seconds]
+        self.featurized_now_ = list(todo)
+        if todo and featurize is not None:
+            seconds.update(featurize(todo))
+        elif todo:
+            steps = len(todo) * math.ceil(n / self.batch_size)
+            with tqdm(total=steps, desc=f"trak featurize ({len(todo)} models)", unit="batch",
+                      disable=not self.progress, file=sys.stderr, dynamic_ncols=True) as bar:
+                for model_id in todo:
+                    seconds[model_id] = self.featurize_checkpoint(model_fn, self.checkpoints_[model_id], model_id,
+                                                                  train_x, train_y, bar=bar)
+        # per-checkpoint seconds (featurize + finalize, measured when it was featurized):
+        # what featurizing only the first m checkpoints costs (budgets)
+        self.featurize_model_seconds_ = [float(seconds[i]) for i in range(len(self.checkpoints_))]
+        self.finalize_features_seconds_ = 0.0  # in each checkpoint's seconds
+        # the reduce side: one TRAKer over the shared save dir scores with every checkpoint
         device = self.resolve_device()
         model = model_fn().to(device)
         n_grad = sum(p.numel() for name, p in model.named_parameters()
                      if self.grad_wrt is None or name in self.grad_wrt)
         projector, name = self._projector(n_grad, device)
-        self._fresh_save_dir()
-        start = time.perf_counter()
         self.traker_ = TRAKer(model=model, task=TASK, train_set_size=n, save_dir=str(self.save_dir),
                               load_from_save_dir=True, device=device, projector=projector, proj_dim=self.proj_dim,
                               use_half_precision=self.use_half_precision, projector_seed=self.seed,
                               grad_wrt=self.grad_wrt, lambda_reg=self.lambda_reg, logging_level=logging.WARNING)
+        missing = [i for i in range(len(self.checkpoints_))
+                   if self.traker_.saver.model_ids.get(i, {}).get("is_finalized") != 1]
+        if missing:
+            raise RuntimeError(f"checkpoints {missing} have no finalized TRAK features in {self.save_dir} "
+                               "after featurizing; rerun the trak stage (it resumes)")
         self.projector_ = type(self.traker_.projector).__name__ if projector is None else name
         self.device_ = device
-        self.checkpoints_ = list(checkpoints)
-        self.n_train_ = n
-        steps = len(self.checkpoints_) * math.ceil(n / self.batch_size)
-        # per-checkpoint seconds: what featurizing only the first m checkpoints costs (budgets)
-        self.featurize_model_seconds_ = []
-        with tqdm(total=steps, desc=f"trak featurize ({len(self.checkpoints_)} models)", unit="batch",
-                  disable=not self.progress, file=sys.stderr, dynamic_ncols=True) as bar:
-            for model_id, state in enumerate(self.checkpoints_):
-                begin = time.perf_counter()
-                self.traker_.load_checkpoint(state, model_id=model_id)
-                for xb, yb in self._batches(train_x, train_y, device):
-                    self.traker_.featurize(batch=(xb, yb), num_samples=len(xb))
-                    bar.update(1)
-                self.featurize_model_seconds_.append(time.perf_counter() - begin)
-        # del_grads: the raw projected gradients are not needed once the features exist
-        begin = time.perf_counter()
-        self.traker_.finalize_features(del_grads=True)
-        self.finalize_features_seconds_ = time.perf_counter() - begin  # one X^T X inverse per checkpoint
         self.featurize_seconds_ = time.perf_counter() - start
         self.score_model_seconds_ = [0.0] * len(self.checkpoints_)  # target gradients, summed over calls
         self.finalize_scores_seconds_: dict[int, float] = {}        # per checkpoint count, summed over calls
@@ -264,11 +383,9 @@ class TrakScorer:
         return self
 
     def featurize_seconds_of(self, count: int) -> float:
-        """Seconds featurizing the first ``count`` checkpoints took (finalize_features
-        shared out evenly: it is one inverse per checkpoint, the same work for each)."""
-        count = int(count)
-        share = self.finalize_features_seconds_ * count / len(self.checkpoints_)
-        return float(sum(self.featurize_model_seconds_[:count]) + share)
+        """Seconds featurizing and finalizing the first ``count`` checkpoints took (each
+        measured when it was featurized, in this run or the one whose features are kept)."""
+        return float(sum(self.featurize_model_seconds_[:int(count)]))
 
     def score_seconds_of(self, count: int) -> float:
         """Seconds the score calls spent on the scores of the first ``count`` checkpoints."""
@@ -355,6 +472,19 @@ class StreamedImages:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a state dict's names, shapes, dtypes and values: which checkpoint a
+    checkpoint's stored TRAK features were made from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def checkpoint_path(folder: str | os.PathLike, index: int) -> Path:

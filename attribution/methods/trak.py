@@ -46,8 +46,9 @@ class Trak(AttributionMethod):
         the images of the target's class are (``class_restricted``). Every entry of
         the score block is a real TRAK score either way (they are computed anyway); the
         candidate mask only restricts what the ranking draws from.
-    save_dir : traker's working folder (features, score mmaps), deleted and recreated
-        by ``fit``; None: a temporary folder owned by this object.
+    save_dir : traker's working folder (features, score mmaps): features of the same
+        settings, identity and checkpoints are kept per checkpoint, others deleted by
+        ``fit`` (TrakScorer.open_features); None: a temporary folder owned by this object.
     progress : tqdm bars.
 
     ``fit(TrainingData(ids, labels, images=x, extra={"model_fn": f, "checkpoints": [...]}))``:
@@ -109,7 +110,9 @@ class Trak(AttributionMethod):
             raise ValueError(f"trak: fit needs TrainingData(images=normalised images, extra={{'model_fn', "
                              f"'checkpoints'}}); missing {missing + (['images'] if train.images is None else [])}")
         checkpoints = list(train.extra["checkpoints"])
-        self.scorer_ = self.scorer().fit(train.extra["model_fn"], checkpoints, train.images, train.labels)
+        # identity: what else the stored features depend on (kept across runs when it matches)
+        self.scorer_ = self.scorer().fit(train.extra["model_fn"], checkpoints, train.images, train.labels,
+                                         identity=train.extra.get("identity"))
         self.train_ids_, self.train_labels_ = train.ids, train.labels
         self.projector_, self.device_ = self.scorer_.projector_, self.scorer_.device_
         self.featurize_seconds_ = self.scorer_.featurize_seconds_

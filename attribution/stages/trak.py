@@ -31,8 +31,12 @@ no runtime.
 Outputs (all written atomically):
 - ``EXP/trak/checkpoints/model-NNN.pt``: state dict, recipe fingerprint, torch seed and
   training seconds; reused when the recipe and seed match.
-- ``EXP/trak/features/``: traker's save directory, deleted and recreated by every
-  computing run (traker 0.3.2 cannot be told to ignore a stale one).
+- ``EXP/trak/features/``: traker's save directory with its settings
+  (``attribution-features.json``: projector, proj_dim, seed, the checkpoints' recipe,
+  the training ids); a run with other settings deletes and recreates it (traker 0.3.2
+  cannot be told to ignore stale features), a run with the same ones keeps every
+  checkpoint finished there (``model-NNN.json``) and resumes an interrupted one batch
+  by batch (:meth:`attribution.baselines.trak.TrakScorer.open_features`).
 - ``EXP/scores/<variant>/classNNN.parquet``: the score block of each class of targets
   (every training image; :class:`attribution.scores.ScoreStore`). Targets are scored
   ``target_chunk`` at a time, which bounds traker's finalize_scores memory.
@@ -314,7 +318,8 @@ class TrakStage(Stage):
             lambda positions: trainer.images_at(torch.from_numpy(positions)), len(train["ids"]))
         method.fit(TrainingData(train["ids"], train["labels"], images=images, extra={
             "model_fn": lambda: retrain.build_model(config.model, num_classes, image_shape, config.width),
-            "checkpoints": states}))
+            "checkpoints": states, "identity": {"recipe": x["recipe"], "train_ids": ids_digest(train["ids"])}}))
+        result["featurized_checkpoints"] = len(method.scorer_.featurized_now_)
         target_ids, labels = np.asarray(targets["ids"], np.int64), np.asarray(targets["labels"], np.int64)
         todo = {(u.label, u.checkpoints): u for u in plan.todo}
         classes = sorted({u.label for u in plan.todo})
@@ -393,6 +398,7 @@ class TrakStage(Stage):
                 part = result["budget_seconds"][unit.checkpoints]
                 method_seconds[unit.method] = round(fixed + part["train"] + part["featurize"] + part["score"], 1)
             fields.update(device=result["device"], trained_checkpoints=result["trained_checkpoints"],
+                          featurized_checkpoints=result["featurized_checkpoints"],
                           train_seconds=round(result["train_seconds"], 1),
                           featurize_seconds=round(result["featurize_seconds"], 1),
                           score_seconds=round(result["score_seconds"], 1), fixed_seconds=round(fixed, 1),
