@@ -178,9 +178,13 @@ class _Subset(ImageSet):
 
 
 class FolderImageSet(ImageSet):
-    """Image files decoded on read, resized (shorter side) and centre-cropped to a square."""
+    """Image files decoded on read, resized (shorter side) and centre-cropped to a square.
 
-    def __init__(self, name, split, paths, labels, ids, classes, mean, std, size=224, resize=256):
+    ``threads`` > 1 decodes a batch's files on that many threads (PIL releases the GIL
+    while it decodes and resizes): for a worker that holds several CPUs, e.g. a GPU
+    embedding actor (benchmarks/loader_throughput.py measures the gain)."""
+
+    def __init__(self, name, split, paths, labels, ids, classes, mean, std, size=224, resize=256, threads=1):
         self.name, self.split = name, split
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -188,26 +192,44 @@ class FolderImageSet(ImageSet):
         self.classes = list(classes)
         self.mean, self.std = tuple(mean), tuple(std)
         self.size, self.resize = size, resize
+        if int(threads) < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self.threads = int(threads)
 
     @property
     def image_shape(self):
         return (self.size, self.size, 3)
 
     def images(self, positions):
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions), self.size, self.size, 3), dtype=np.uint8)
+
+        def read(row: int) -> None:
+            out[row] = self.decode(self.paths[positions[row]])
+
+        if self.threads > 1 and len(positions) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.threads, len(positions))) as pool:
+                list(pool.map(read, range(len(positions))))
+        else:
+            for row in range(len(positions)):
+                read(row)
+        return out
+
+    def decode(self, path) -> np.ndarray:
+        """One file as (size, size, 3) uint8: shorter side resized to ``resize``, centre crop."""
         from PIL import Image
 
-        out = np.empty((len(positions), self.size, self.size, 3), dtype=np.uint8)
-        for row, position in enumerate(np.asarray(positions, dtype=np.int64)):
-            with Image.open(self.paths[position]) as image:
-                image = image.convert("RGB")
-                w, h = image.size
-                scale = self.resize / min(w, h)
-                image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                                     Image.BILINEAR)
-                w, h = image.size
-                left, top = (w - self.size) // 2, (h - self.size) // 2
-                out[row] = np.asarray(image.crop((left, top, left + self.size, top + self.size)))
-        return out
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            w, h = image.size
+            scale = self.resize / min(w, h)
+            image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                                 Image.BILINEAR)
+            w, h = image.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            return np.asarray(image.crop((left, top, left + self.size, top + self.size)))
 
 
 # ----------------------------------------------------------------------------- IDX

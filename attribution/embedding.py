@@ -377,12 +377,16 @@ class Embedder(QueueWorker):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.batch_size, self.dtype = int(batch_size), dtype
+        self.decode_threads = max(1, int(threads or 1))
         self.model = build_model(backbone_spec, seed, device)
         self._sets: dict[DatasetSpec, ImageSet] = {}
 
     def image_set(self, dataset_spec: DatasetSpec) -> ImageSet:
         if dataset_spec not in self._sets:  # a memory map or a file list: cheap to keep
-            self._sets[dataset_spec] = dataset_spec.load()
+            image_set = dataset_spec.load()
+            if hasattr(image_set, "threads"):  # image files: decoded on the CPUs this worker holds
+                image_set.threads = self.decode_threads
+            self._sets[dataset_spec] = image_set
         return self._sets[dataset_spec]
 
     def __call__(self, item: tuple[DatasetSpec, "Shard"]) -> pa.Table:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 class PoolRequest:
     """What a stage asks of a pool; ``cluster.resources`` turns it into actors and options.
 
-    kind : "embed" | "rank" | "retrain" | "regression" (the resources module sizes each)
+    kind : "embed" | "rank" | "retrain" | "regression" | "trak" (the resources module sizes each)
     actors : requested pool size; None / 0 = as many as the cluster can place
     max_items : never start more workers than there are items
     model : retraining model (its GPU share on GPU clusters)

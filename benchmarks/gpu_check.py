@@ -422,7 +422,9 @@ def check_faiss(ctx: Context, report: CheckReport) -> None:
     cpu_index = faiss.IndexFlatL2(s.faiss_dim)
     cpu_index.add(feats)
     k = min(s.faiss_k, len(feats))
-    gpu_index = cpu_index if ctx.simulated else faiss.index_cpu_to_all_gpus(cpu_index)
+    # one GPU and one StandardGpuResources, as attribution.candidates places its indexes
+    resources = None if ctx.simulated else faiss.StandardGpuResources()
+    gpu_index = cpu_index if ctx.simulated else faiss.index_cpu_to_gpu(resources, 0, cpu_index)
     gpu_index.search(raw_q[:8], k)
     (_, raw_cpu), t_cpu = timed(cpu_index.search, ctx, raw_q, k)
     (_, raw_gpu), t_gpu = timed(gpu_index.search, ctx, raw_q, k)

@@ -41,7 +41,7 @@ def retrain_gpu_share(model: str) -> float:
     return SMALL_MODEL_GPU_SHARE if model in SMALL_RETRAIN_MODELS else LARGE_MODEL_GPU_SHARE
 
 
-POOL_KINDS = ("embed", "rank", "retrain", "regression")
+POOL_KINDS = ("embed", "rank", "retrain", "regression", "trak")
 
 
 class PoolTooLarge(ValueError):
@@ -103,6 +103,13 @@ def actor_options(request, nodes: Sequence[NodeResources]) -> dict:
         if share is None:
             share = retrain_gpu_share(request.model or "mlp") if gpus > 0 else 0.0
         return {"num_cpus": ACTOR_CPUS, "num_gpus": float(share)}
+    if kind == "trak":
+        # per-example gradients of a whole checkpoint's shard: a whole GPU, or CPUs;
+        # gpus_per_actor = 0 keeps it on CPUs (trak.device = "cpu")
+        share = request.gpus_per_actor
+        if share is None:
+            share = LARGE_MODEL_GPU_SHARE if gpus > 0 else 0.0
+        return {"num_cpus": max(ACTOR_CPUS, int(request.threads or 1)), "num_gpus": float(share)}
     return {"num_cpus": ACTOR_CPUS, "num_gpus": 0}  # regression
 
 
@@ -117,6 +124,7 @@ def pool_shape(request, resources: Mapping[str, float] | Sequence[NodeResources]
     rank : a CPU and one GPU (``request.actors`` of them share the GPUs evenly) or no GPU
     retrain : a CPU and the model's GPU share (:func:`retrain_gpu_share`) or no GPU
     regression : a CPU, no GPU
+    trak : ``threads`` CPUs and a whole GPU (``gpus_per_actor``, 0: none) or no GPU
 
     The number of actors is what the nodes' *free* resources can place now, counted per
     node (an actor cannot span nodes; on a mixed cluster CPU-only nodes host no actor
@@ -136,8 +144,10 @@ def pool_shape(request, resources: Mapping[str, float] | Sequence[NodeResources]
         largest = max(nodes, key=lambda node: (float(node.total.get("GPU", 0)), float(node.total.get("CPU", 0))),
                       default=NodeResources({}, {}))
         fix = "add a node that large"
-        if request.kind == "embed" and not options.get("num_gpus"):
+        if request.kind == "embed":
             fix = f"lower embed.threads_per_actor (CPUs per worker) or {fix}"
+        elif request.kind == "trak":
+            fix = f"lower trak.threads_per_actor or {fix}"
         elif request.kind == "retrain" and request.gpus_per_actor is not None:
             fix = f"lower gpus_per_actor of [support] / [datamodels] or {fix}"
         raise PoolTooLarge(f"the {request.kind} pool's workers each ask for {describe(options, options=True)}, more "
@@ -150,9 +160,10 @@ def pool_shape(request, resources: Mapping[str, float] | Sequence[NodeResources]
 
 
 def embed_actor_options(gpu: bool, threads: int = 1) -> dict:
-    """Ray options of one embedding actor: a whole GPU and a CPU, or ``threads`` CPUs."""
+    """Ray options of one embedding actor: ``threads`` CPUs (its torch threads on CPU; on
+    either, the threads that decode image files), and a whole GPU on a GPU cluster."""
     if gpu:
-        return {"num_gpus": EMBED_ACTOR_GPUS, "num_cpus": ACTOR_CPUS}
+        return {"num_gpus": EMBED_ACTOR_GPUS, "num_cpus": max(ACTOR_CPUS, int(threads))}
     return {"num_cpus": threads}
 
 

@@ -114,9 +114,13 @@ def runtime_env(ship_project: bool = True, env_vars: dict | None = None) -> dict
 
 def submit(address: str, preset: str, exp: str, overrides: list[str] | None = None,
            stages: list[str] | None = None, ship_project: bool = True, job_id: str | None = None,
-           entrypoint_num_cpus: float = 1.0, agent_wait_s: float = 60.0, ablation: str | None = None) -> str:
+           entrypoint_num_cpus: float = 1.0, agent_wait_s: float = 60.0, ablation: str | None = None,
+           entrypoint_num_gpus: float = 0.0) -> str:
     """Submit a preset (a name, or a local .toml shipped by value) as a Ray job; returns
-    the submission id."""
+    the submission id. ``entrypoint_num_gpus``: GPUs the driver reserves (Ray places it
+    on a node that has them)."""
+    if entrypoint_num_gpus < 0:
+        raise SubmissionError(f"--driver-gpus must be >= 0, got {entrypoint_num_gpus}")
     if not ship_project and not exp:
         raise SubmissionError("--exp is required")
     env_vars, name, shipped = {}, preset, False
@@ -135,6 +139,7 @@ def submit(address: str, preset: str, exp: str, overrides: list[str] | None = No
                 metadata={"preset": name, "experiment": exp},
                 # The driver itself is light; reserving a CPU keeps it from being starved.
                 entrypoint_num_cpus=entrypoint_num_cpus,
+                **({"entrypoint_num_gpus": entrypoint_num_gpus} if entrypoint_num_gpus else {}),
             )
         except RuntimeError as error:
             # A head node that has just started answers before its job agent is up.

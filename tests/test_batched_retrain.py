@@ -186,7 +186,7 @@ def test_support_search_on_ray_with_batching(ray_runtime, tmp_path):
     every logged outcome is the one the same training gives alone in this process."""
     from attribution.experiment import Experiment
     from attribution.stages.support import load_rankings
-    from tests.test_support import preset, support_stage, write_rankings
+    from test_support import preset, support_stage, write_rankings
 
     train = load_dataset("fashion-mnist", "train", n_per_class=30, seed=0)
     test = load_dataset("fashion-mnist", "test", n_per_class=10, seed=0)

@@ -133,6 +133,11 @@ def test_imagenet_image_folder_with_real_images(tmp_path):
     val = load_dataset("imagenet", "test", root=tmp_path)
     assert len(train) == len(images) and len(val) == (len(images) + 3) // 4
     assert train.images([0]).shape == (1, 224, 224, 3)
+    # decoding on threads (a worker holding several CPUs) gives the same pixels in the same order
+    threaded = load_dataset("imagenet", "train", root=tmp_path)
+    threaded.threads = 3
+    positions = np.array([5, 0, 19, 7, 7])
+    np.testing.assert_array_equal(threaded.images(positions), train.images(positions))
     assert val.ids.min() == len(train)
     # labels index the sorted class folders of train/, shared by val
     assert train.classes == sorted({f"n{label:08d}" for _, label in images})

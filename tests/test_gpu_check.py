@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from benchmarks import gpu_check
-from tests.conftest import require_fashion_mnist
+from conftest import require_fashion_mnist
 
 
 def run_cli(*args, env=None, timeout=300):

@@ -81,9 +81,10 @@ def test_imagenet_preset_runs_every_stage_on_real_image_files(tmp_path, monkeypa
     monkeypatch.setenv("RAY_ADDRESS", "local")  # our own Ray, not one another process started
     tiny = {
         "data.root": str(root), "embed.checkpoint": str(checkpoint), "embed.batch_size": 16,
-        "embed.shard_size": 32, "embed.actors": 1,
+        "embed.shard_size": 32, "embed.actors": 1, "embed.threads_per_actor": 1,
         "rank.targets": CLASSES * VAL_PER_CLASS, "rank.top_k": 12,
         "trak.checkpoints": 1, "trak.budgets": "[]", "trak.proj_dim": 16, "trak.batch_size": 20,
+        "trak.threads_per_actor": 1, "trak.shard_size": 40,  # the preset's fan-out: 2 workers, 40 files per item
         # 4 epochs of batch 8 at lr 0.02: about 0.6 validation accuracy from scratch (1 epoch: chance), so
         # the ensemble classifies some targets correctly and they are searched; ~40 s per training here
         "support.epochs": 4, "support.batch_size": 8, "support.lr": 0.02, "support.targets": 1,
@@ -114,6 +115,10 @@ def test_imagenet_preset_runs_every_stage_on_real_image_files(tmp_path, monkeypa
     assert len(blocks) == CLASSES * VAL_PER_CLASS
     assert all(len(row) == counts["train"] and np.isfinite(row).all() for row in blocks["scores"])
     assert manifest["trak"]["checkpoints"] == 1 and manifest["trak"]["n_train"] == counts["train"]
+    # trained and featurized on two Ray workers, 40 files per item
+    pool = manifest["trak"]["pool"]
+    assert pool["train_items"] == 1 and pool["featurize_items"] == -(-counts["train"] // 40)
+    assert all("@" in worker for worker in pool["workers"])  # host:pid@node: Ray actors
     # support: ResNet-18 retrained from the files, one search per searched target x method
     searches = pd.read_parquet(exp / "support.parquet")
     assert set(searches["method"]) == {"esvm", "trak"} and set(searches["mode"]) == {"removal"}

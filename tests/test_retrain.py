@@ -132,7 +132,7 @@ def test_imagenet_recipe_reads_real_images_batch_by_batch(tmp_path):
     model as the in-memory path on the same pixels."""
     from PIL import Image
 
-    from tests.test_data import foolbox_images
+    from test_data import foolbox_images
 
     for index, (pixels, label) in enumerate(foolbox_images("imagenet")[:8]):
         folder = tmp_path / "train" / f"n{label:08d}"

@@ -22,7 +22,7 @@ from attribution.stages.support import (TRAINING_KEY, TRAININGS_SCHEMA, SearchSc
                                         deterministic, failure_message, item_name, read_trainings,
                                         searched_targets)
 from attribution.workqueue import InProcessRuntime, QueueWorker, WorkFailed
-from tests.faults import FaultyRuntime, SimulatedCrash
+from faults import FaultyRuntime, SimulatedCrash
 
 ray = pytest.importorskip("ray")
 

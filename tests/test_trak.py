@@ -497,3 +497,86 @@ def test_trak_stage_budgets_and_same_class_variant(fmnist, tmp_path):
     trak_stage(exp, force=True, budgets=[1], variants=["same-class"])()
     assert "trak@m3" not in store.methods() and not list(exp.rankings.glob("trak@m3-*.parquet"))
     assert "trak@m3" not in exp.manifest()["trak"]["method_seconds"]
+
+
+# ----------------------------------------------------------------------------- the stage on a pool
+
+
+def trak_blocks(exp) -> dict:
+    store = ScoreStore(exp.path("scores"))
+    return {p.stem: store.read("trak", p.stem) for p in sorted((exp.path("scores") / "trak").glob("class*.parquet"))}
+
+
+def pooled_stage(exp, runtime, **trak):
+    return TrakStage(exp, parse_settings(stage_preset(**trak)), runtime, progress=False)
+
+
+def test_trak_stage_on_a_pool_scores_as_in_process_and_resumes_per_shard(fmnist, tmp_path):
+    """trak.actors != 1: the checkpoints train on the pool and each one's training images
+    are featurized shard_size at a time on it; the driver stores the rows and finalizes.
+    The scores equal the in-process stage's; a driver killed mid-featurizing keeps every
+    shard it stored, and the rerun asks the workers for the other shards only."""
+    from attribution.workqueue import InProcessRuntime
+    from faults import FaultyRuntime, SimulatedCrash
+
+    train, test = fmnist
+    positions = np.array([0, 1, 7, 12, 30])
+    reference = Experiment(tmp_path / "reference").create()
+    write_rank_rankings(reference, train, test, positions)
+    trak_stage(reference)()
+    expected = trak_blocks(reference)
+
+    exp = Experiment(tmp_path / "pooled").create()
+    write_rank_rankings(exp, train, test, positions)
+    crashing = FaultyRuntime(InProcessRuntime(), crash_after=3)  # 300 images / 64: 5 shards per checkpoint
+    with pytest.raises(SimulatedCrash):
+        pooled_stage(exp, crashing, actors=2, shard_size=64)()
+    assert len(list((exp.path("trak") / "checkpoints").glob("model-*.pt"))) == 2  # trained on the pool
+    featured = exp.path("trak") / "features" / "work-000" / "0" / "_is_featurized.mmap"
+    assert np.load(featured, mmap_mode="r").sum() == 3 * 64  # three shards stored before the crash
+    asked = []
+
+    class Counting(InProcessRuntime):
+        def queue(self, request, worker, *args, **kwargs):
+            assert request.kind == "trak"
+            queue = super().queue(request, worker, *args, **kwargs)
+            submit = queue.submit
+            queue.submit = lambda item: (asked.append(item), submit(item))[1]
+            return queue
+
+    summary = pooled_stage(exp, Counting(), actors=2, shard_size=64)()
+    assert summary["trained_checkpoints"] == 0
+    assert sorted((it["model"], it["start"]) for it in asked) == \
+        [(0, 192), (0, 256)] + [(1, start) for start in range(0, 300, 64)]
+    got = trak_blocks(exp)
+    assert list(got) == list(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name].values, expected[name].values, rtol=1e-4, atol=1e-6)
+    assert not list((exp.path("trak") / "features").glob("work-*"))  # every checkpoint finalized and moved
+
+
+def test_trak_stage_fans_out_over_ray_workers(fmnist, tmp_path, ray_runtime):
+    """The same on a real local Ray: two workers, the scores of the in-process stage."""
+    train, test = fmnist
+    positions = np.array([0, 7, 30])
+    reference = Experiment(tmp_path / "reference").create()
+    write_rank_rankings(reference, train, test, positions)
+    trak_stage(reference, checkpoints=1)()
+    exp = Experiment(tmp_path / "ray").create()
+    write_rank_rankings(exp, train, test, positions)
+    pooled_stage(exp, ray_runtime, checkpoints=1, actors=2, shard_size=100)()
+    expected, got = trak_blocks(reference), trak_blocks(exp)
+    assert list(got) == list(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name].values, expected[name].values, rtol=1e-4, atol=1e-6)
+
+
+def test_trak_pool_refuses_workers_on_another_device_than_the_driver(fmnist, tmp_path):
+    from attribution.workqueue import InProcessRuntime
+
+    train, test = fmnist
+    exp = Experiment(tmp_path / "exp").create()
+    write_rank_rankings(exp, train, test, np.array([0]))
+    with pytest.raises(SettingsError, match="trak.actors = 0.*featurize on cuda.*--driver-gpus 1"):
+        pooled_stage(exp, InProcessRuntime(device="cuda"), actors=0)()
+    assert not exp.path("trak").exists() or not any(exp.path("trak").iterdir())

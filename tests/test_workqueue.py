@@ -196,6 +196,8 @@ def test_pool_shape_on_gpus_follows_the_gpus_the_cluster_has():
     assert pool_shape(PoolRequest("embed"), [busy]) == (1, {"num_gpus": 1, "num_cpus": 1})
     assert pool_shape(PoolRequest("embed"), [node({"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0})]) == (
         1, {"num_gpus": 1, "num_cpus": 1})
+    # a GPU embedding worker decoding files on 3 CPUs: 8 CPUs host two of them beside the GPUs
+    assert pool_shape(PoolRequest("embed", threads=3), [gpu_node, cpu_node]) == (2, {"num_gpus": 1, "num_cpus": 3})
     assert pool_shape(PoolRequest("regression"), [gpu_node, cpu_node]) == (40, {"num_cpus": 1, "num_gpus": 0})
 
 

@@ -250,8 +250,6 @@ class TrakScorer:
         last: the mark that this checkpoint is done. Returns its seconds."""
         from trak import TRAKer
 
-        from attribution.artifacts import write_json
-
         begin = time.perf_counter()
         train_x = train_x if isinstance(train_x, StreamedImages) else torch.as_tensor(train_x, dtype=torch.float32)
         train_y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
@@ -280,15 +278,75 @@ class TrakScorer:
             # del_grads: the raw projected gradients are not needed once the features exist
             traker.finalize_features(model_ids=[model_id], del_grads=True)
         del traker
+        return self._publish(model_id, state, time.perf_counter() - begin)
+
+    def _publish(self, model_id: int, state: dict, seconds: float) -> float:
+        """Move a finalized checkpoint's features from ``work-NNN/`` into the shared save
+        dir and write its ``model-NNN.json`` last (the mark that it is done)."""
+        from attribution.artifacts import write_json
+
+        work = self.save_dir / f"work-{model_id:03d}"
         target = self.save_dir / str(model_id)
         if target.exists():
             shutil.rmtree(target)
         os.replace(work / str(model_id), target)
         os.replace(work / f"id_{model_id}.json", self.save_dir / f"id_{model_id}.json")
         shutil.rmtree(work)
-        seconds = time.perf_counter() - begin
         write_json(self.save_dir / f"model-{model_id:03d}.json", {"seconds": seconds, "digest": state_digest(state)})
         return seconds
+
+    # ------------------------------------------------------------------ map / reduce over shards
+    def worker_params(self) -> dict:
+        """Constructor parameters a worker's scorer needs to project rows exactly as this
+        one would (all but the save dir, the device and the bars)."""
+        return {"proj_dim": self.proj_dim, "lambda_reg": self.lambda_reg, "batch_size": self.batch_size,
+                "seed": self.seed, "use_half_precision": self.use_half_precision,
+                "max_projector_mb": self.max_projector_mb, "grad_wrt": self.grad_wrt}
+
+    def checkpoint_rows(self, model_fn: Callable[[], torch.nn.Module], state: dict, model_id: int,
+                        n_train: int) -> "CheckpointRows":
+        """The driver's side of featurizing one checkpoint on workers: its ``work-NNN/``
+        folder (the one :meth:`featurize_checkpoint` uses, so either resumes the other),
+        which takes the rows workers projected (:meth:`project_rows`) and finalizes."""
+        return CheckpointRows(self, model_fn, state, int(model_id), int(n_train))
+
+    def project_rows(self, model_fn: Callable[[], torch.nn.Module], state: dict, model_id: int, train_x, train_y,
+                     start: int, stop: int, scratch: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+        """A worker's side: the projected gradients and out-to-loss terms of training
+        positions start..stop-1 for one checkpoint, as traker's ``featurize`` computes
+        them (a TRAKer over just these rows in ``scratch``, a local folder it empties;
+        the same projector seed and model id, so the same projection as in one process).
+        ``train_x`` / ``train_y`` index the full training set; images are read
+        ``batch_size`` at a time. Returns (grads (rows, proj_dim), out_to_loss (rows,))."""
+        from trak import TRAKer
+
+        device = self.resolve_device()
+        model = model_fn().to(device)
+        n_grad = sum(p.numel() for name, p in model.named_parameters()
+                     if self.grad_wrt is None or name in self.grad_wrt)
+        key = (n_grad, device)
+        if getattr(self, "_projector_cache", (None,))[0] != key:  # one projection matrix per worker
+            self._projector_cache = (key, self._projector(n_grad, device)[0])
+        scratch = Path(scratch)
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        scratch.mkdir(parents=True)
+        try:
+            traker = TRAKer(model=model, task=TASK, train_set_size=stop - start, save_dir=str(scratch),
+                            load_from_save_dir=True, device=device, projector=self._projector_cache[1],
+                            proj_dim=self.proj_dim, use_half_precision=self.use_half_precision,
+                            projector_seed=self.seed, grad_wrt=self.grad_wrt, lambda_reg=self.lambda_reg,
+                            logging_level=logging.WARNING)
+            traker.load_checkpoint(state, model_id=int(model_id))
+            labels = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+            for a in range(start, stop, self.batch_size):
+                b = min(stop, a + self.batch_size)
+                traker.featurize(batch=(train_x[a:b].to(device), labels[a:b].to(device)),
+                                 inds=np.arange(a - start, b - start))
+            store = traker.saver.current_store
+            return np.array(store["grads"]), np.array(store["out_to_loss"]).reshape(-1)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _projector(self, n_grad: int, device: str):
         """(projector or None = let TRAKer build its CUDA one, name)."""
@@ -321,9 +379,10 @@ class TrakScorer:
         identity : what else the features depend on (the checkpoints' recipe, the
             training ids): features stored in the save dir with the same settings and
             identity are kept, per checkpoint (:meth:`open_features`); others are deleted.
-        featurize : ``featurize(model_ids) -> {model id: seconds}`` featurizes those
-            checkpoints elsewhere (the trak stage fans them out over Ray workers, each
-            calling :meth:`featurize_checkpoint`); None: one after the other here.
+        featurize : ``featurize(scorer, model_ids) -> {model id: seconds}`` featurizes
+            those checkpoints elsewhere (the trak stage fans shards of training images out
+            over Ray workers: :meth:`project_rows` there, :meth:`checkpoint_rows` here);
+            None: one after the other here (:meth:`featurize_checkpoint`).
         """
         from tqdm.auto import tqdm
         from trak import TRAKer
@@ -347,7 +406,7 @@ class TrakScorer:
         todo = [i for i in range(len(self.checkpoints_)) if i not in seconds]
         self.featurized_now_ = list(todo)
         if todo and featurize is not None:
-            seconds.update(featurize(todo))
+            seconds.update(featurize(self, todo))
         elif todo:
             steps = len(todo) * math.ceil(n / self.batch_size)
             with tqdm(total=steps, desc=f"trak featurize ({len(todo)} models)", unit="batch",
@@ -448,6 +507,93 @@ class TrakScorer:
         return results
 
 
+class CheckpointRows:
+    """One checkpoint being featurized by workers: the driver stores each shard of rows
+    they return in ``work-NNN/`` (traker's own memory maps: ``grads``, ``out_to_loss``,
+    ``is_featurized``), then finalizes and publishes it (:meth:`TrakScorer._publish`).
+    Made by :meth:`TrakScorer.checkpoint_rows`; the rows already stored there (an
+    interrupted run) are not asked for again (:meth:`pending`)."""
+
+    def __init__(self, scorer: TrakScorer, model_fn, state: dict, model_id: int, n_train: int):
+        from trak import TRAKer
+
+        self.scorer, self.state, self.model_id, self.n = scorer, state, model_id, n_train
+        device = scorer.resolve_device()
+        model = model_fn().to(device)
+        n_grad = sum(p.numel() for name, p in model.named_parameters()
+                     if scorer.grad_wrt is None or name in scorer.grad_wrt)
+        work = scorer.save_dir / f"work-{model_id:03d}"
+        work.mkdir(exist_ok=True)
+        self.traker = TRAKer(model=model, task=TASK, train_set_size=n_train, save_dir=str(work),
+                             load_from_save_dir=True, device=device,
+                             projector=_stored_rows_projector(n_grad, scorer.proj_dim, scorer.seed, device),
+                             proj_dim=scorer.proj_dim, use_half_precision=scorer.use_half_precision,
+                             projector_seed=scorer.seed, grad_wrt=scorer.grad_wrt, lambda_reg=scorer.lambda_reg,
+                             logging_level=logging.WARNING)
+        self.finalized = self.traker.saver.model_ids.get(model_id, {}).get("is_finalized") == 1
+        if not self.finalized:
+            self.traker.load_checkpoint(state, model_id=model_id)
+        self.seconds = 0.0  # the workers' seconds for this checkpoint's rows, and finalizing
+
+    def featurized(self) -> np.ndarray:
+        return np.asarray(self.traker.saver.current_store["is_featurized"]).reshape(-1) == 1
+
+    def pending(self, shard_size: int) -> list[tuple[int, int]]:
+        """The shards (start, stop) of ``shard_size`` positions with a row not stored yet."""
+        if self.finalized:
+            return []
+        done = self.featurized()
+        return [(a, min(self.n, a + shard_size)) for a in range(0, self.n, int(shard_size))
+                if not done[a:a + shard_size].all()]
+
+    def write(self, start: int, stop: int, grads: np.ndarray, out_to_loss: np.ndarray, seconds: float) -> None:
+        if grads.shape != (stop - start, self.scorer.proj_dim) or len(out_to_loss) != stop - start:
+            raise ValueError(f"checkpoint {self.model_id}, rows {start}..{stop}: got gradients {grads.shape} "
+                             f"and {len(out_to_loss)} out-to-loss terms")
+        store = self.traker.saver.current_store
+        store["grads"][start:stop] = np.asarray(grads, dtype=store["grads"].dtype)
+        store["out_to_loss"][start:stop] = np.asarray(out_to_loss, dtype=store["out_to_loss"].dtype).reshape(-1, 1)
+        store["is_featurized"][start:stop] = 1
+        for name in ("grads", "out_to_loss", "is_featurized"):
+            store[name].flush()  # on disk before the shard counts as done
+        self.traker.saver.serialize_current_model_id_metadata()
+        self.seconds += float(seconds)
+
+    def finish(self) -> float:
+        """Finalize (Phi (Phi^T Phi)^-1 on this process's device) and publish; returns the
+        checkpoint's seconds (workers' + finalizing)."""
+        if not self.featurized().all():
+            raise RuntimeError(f"checkpoint {self.model_id}: {int((~self.featurized()).sum())} training images "
+                               "not featurized yet")
+        begin = time.perf_counter()
+        if not self.finalized:
+            self.traker.finalize_features(model_ids=[self.model_id], del_grads=True)
+        del self.traker
+        return self.scorer._publish(self.model_id, self.state, self.seconds + time.perf_counter() - begin)
+
+
+def _stored_rows_projector(grad_dim: int, proj_dim: int, seed: int, device: str):
+    """A projector for a TRAKer that only stores rows projected elsewhere and finalizes
+    them: traker records its matrix type in the save dir's metadata (it must read as
+    the workers' projector's), and frees it before finalizing; it never projects."""
+    from trak.projectors import AbstractProjector, ProjectionType
+
+    class StoredRowsProjector(AbstractProjector):
+        def __init__(self):
+            cuda = projector_name(device) == "CudaProjector"
+            # the types TrakScorer's projectors use: TRAKer's CudaProjector, our Gaussian BasicProjector
+            super().__init__(grad_dim, proj_dim, seed, ProjectionType.rademacher if cuda else ProjectionType.normal,
+                             device)
+
+        def project(self, grads, model_id):
+            raise RuntimeError("this TRAKer stores rows projected by the workers; it does not project")
+
+        def free_memory(self):
+            pass
+
+    return StoredRowsProjector()
+
+
 # ----------------------------------------------------------------------------- file-backed data
 
 
@@ -492,40 +638,53 @@ def checkpoint_path(folder: str | os.PathLike, index: int) -> Path:
 
 
 def train_checkpoints(trainer, folder: str | os.PathLike, n_models: int, base_seed: int, recipe: str,
-                      threads: int | None = 1, progress: bool = True) -> tuple[list[dict], int, list[float]]:
+                      threads: int | None = 1, progress: bool = True,
+                      train_many: Callable | None = None) -> tuple[list[dict], int, list[float]]:
     """The full-data models with seed indices 0..n-1 (the support stage's ensemble).
 
     ``trainer``: an :class:`attribution.retrain.Retrainer`. Each model uses torch seed
     ``retrain.training_seed(base_seed, i)``, as the support ensemble does; ``threads=1``
     matches the support workers (one torch thread), so the weights are the same.
     A stored ``model-NNN.pt`` with the same ``recipe`` fingerprint and torch seed is
-    reused. Returns (state dicts, number trained now, each model's training seconds:
-    measured now, or stored with a reused model when it was trained; what training it
-    costs from scratch, which a budget's cost counts).
+    reused. ``train_many([(index, torch_seed), ...])``: trains the missing ones
+    elsewhere (the trak stage's pool), yielding (index, state dict, seconds) as each
+    finishes; None: one after the other here. Returns (state dicts, number trained now,
+    each model's training seconds: measured now, or stored with a reused model when it
+    was trained; what training it costs from scratch, which a budget's cost counts).
     """
     from tqdm.auto import tqdm
 
     from attribution.artifacts import write_torch
     from attribution.retrain import training_seed
 
-    states, trained, seconds = [], 0, []
-    for index in tqdm(range(int(n_models)), desc="trak checkpoints", unit="model", disable=not progress,
-                      file=sys.stderr, dynamic_ncols=True):
-        path = checkpoint_path(folder, index)
-        torch_seed = training_seed(base_seed, index)
+    states: list = [None] * int(n_models)
+    seconds = [float("nan")] * int(n_models)
+    missing = []
+    for index in range(int(n_models)):
+        path, torch_seed = checkpoint_path(folder, index), training_seed(base_seed, index)
         if path.exists():
             stored = torch.load(path, map_location="cpu", weights_only=True)
             if stored.get("recipe") == recipe and stored.get("torch_seed") == torch_seed:
-                states.append(stored["state_dict"])
-                seconds.append(float(stored.get("train_seconds", float("nan"))))  # nan: an older file
+                states[index] = stored["state_dict"]
+                seconds[index] = float(stored.get("train_seconds", float("nan")))  # nan: an older file
                 continue
-        begin = time.perf_counter()
-        with torch_threads(threads):
-            model = trainer.train(seed=torch_seed)
-        seconds.append(time.perf_counter() - begin)
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        write_torch({"state_dict": state, "recipe": recipe, "seed_index": index, "torch_seed": torch_seed,
-                     "config": trainer.config.to_dict(), "train_seconds": seconds[-1]}, path)
-        states.append(state)
-        trained += 1
-    return states, trained, seconds
+        missing.append((index, torch_seed))
+
+    def here(todo):
+        for index, torch_seed in todo:
+            begin = time.perf_counter()
+            with torch_threads(threads):
+                model = trainer.train(seed=torch_seed)
+            yield index, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, \
+                time.perf_counter() - begin
+
+    seeds = dict(missing)
+    with tqdm(total=int(n_models), initial=int(n_models) - len(missing), desc="trak checkpoints", unit="model",
+              disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        for index, state, took in (train_many or here)(missing):
+            seconds[index], states[index] = float(took), state
+            write_torch({"state_dict": state, "recipe": recipe, "seed_index": index, "torch_seed": seeds[index],
+                         "config": trainer.config.to_dict(), "train_seconds": seconds[index]},
+                        checkpoint_path(folder, index))
+            bar.update(1)
+    return states, len(missing), seconds

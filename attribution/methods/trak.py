@@ -112,7 +112,8 @@ class Trak(AttributionMethod):
         checkpoints = list(train.extra["checkpoints"])
         # identity: what else the stored features depend on (kept across runs when it matches)
         self.scorer_ = self.scorer().fit(train.extra["model_fn"], checkpoints, train.images, train.labels,
-                                         identity=train.extra.get("identity"))
+                                         identity=train.extra.get("identity"),
+                                         featurize=train.extra.get("featurize"))
         self.train_ids_, self.train_labels_ = train.ids, train.labels
         self.projector_, self.device_ = self.scorer_.projector_, self.scorer_.device_
         self.featurize_seconds_ = self.scorer_.featurize_seconds_

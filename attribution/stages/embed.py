@@ -40,7 +40,9 @@ class EmbedSettings(Section):
     shard_size: int = setting(emb.DEFAULT_SHARD_SIZE, low=1,
                               help="images per Parquet file: the unit of resume and of load balancing")
     actors: int = setting(0, low=0, help="embedding workers; 0: one per GPU, else one per threads_per_actor CPUs")
-    threads_per_actor: int = setting(1, low=1, help="torch threads (and CPUs) per CPU worker")
+    threads_per_actor: int = setting(1, low=1, help="CPUs per worker: its torch threads on CPU, and the threads "
+                                                  "decoding image files on either (a GPU worker decodes ImageNet "
+                                                  "JPEGs on ~11 CPUs at the speed of the GPU: docs/scale.md)")
     dtype: str = setting("float32", choices=emb.DTYPES, help="stored precision (the reader returns float32)")
     seed: int | None = setting(None, help="torch seed before building the backbone (random init); "
                                           "unset: the preset's seed")

@@ -66,6 +66,7 @@ import numpy as np
 from attribution.artifacts import aside, ids_digest, reuse
 from attribution.settings import Section, setting
 from attribution.stages import Flag, Plan, Stage, register_stage
+from attribution.workqueue import QueueWorker
 
 METHOD = "trak"
 SAME_CLASS = "same-class"
@@ -94,6 +95,12 @@ class TrakSettings(Section):
     target_chunk: int = setting(1024, low=1, help="targets per finalize_scores: memory n_train x target_chunk floats")
     max_projector_mb: int = setting(1024, low=1, help="CPU projection-matrix block (whole matrix when it fits)")
     device: str = setting("auto", help='"auto": CUDA when available, else CPU; "cpu" or "cuda[:i]"')
+    actors: int = setting(1, low=0, help="workers that train the checkpoints and featurize shards of them: 1 = "
+                                         "none, all in this stage's process (small models); 0 = one per GPU (or "
+                                         "CPU) the cluster can place; n = n")
+    shard_size: int = setting(10000, low=1, help="training images per featurizing item on the workers (the unit "
+                                                 "of resume; a result holds shard_size x proj_dim floats)")
+    threads_per_actor: int = setting(1, low=1, help="CPUs per worker: torch threads, and threads decoding files")
 
     def check(self) -> None:
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
@@ -104,6 +111,14 @@ class TrakSettings(Section):
             self.fail("variants", '"same-class" derives the class-restricted view from native (all-class) trak, '
                                   "but trak.same_class = true already restricts it; set same_class = false or "
                                   'drop "same-class" from trak.variants')
+
+    def pool_request(self, max_items: int | None = None):
+        """The workers' pool (``actors`` != 1): a whole GPU each on a GPU cluster unless
+        ``device = "cpu"``."""
+        from attribution.workqueue import PoolRequest
+
+        return PoolRequest("trak", actors=self.actors or None, max_items=max_items, threads=self.threads_per_actor,
+                           gpus_per_actor=0.0 if self.device == "cpu" else None)
 
     def method_params(self) -> dict:
         """The ``"trak"`` method's constructor parameters from this section."""
@@ -192,6 +207,7 @@ class TrakStage(Stage):
         fingerprint = recipe_fingerprint(config, data.key(), support.seed, len(train["ids"]))
         method = create_method(METHOD, **s.method_params(), save_dir=self.exp.path("trak") / "features",
                                progress=self.progress)
+        pool_device = self.check_pool_device() if s.actors != 1 else None
         common = {**method.settings(), "recipe": fingerprint}
 
         store = ScoreStore(self.exp.path("scores"))
@@ -238,7 +254,25 @@ class TrakStage(Stage):
         return Plan(todo=todo, reused=[u.file for u in reused], extra={
             "rerank": rerank, "derive": derive, "stale": stale, "top_k": top_k, "method": method, "train": train,
             "targets": targets, "config": config, "recipe": fingerprint, "support_seed": int(support.seed),
-            "store": store})
+            "store": store, "pool_device": pool_device, "train_set": train_set})
+
+    def check_pool_device(self) -> str:
+        """The workers' device, refused unless it is this process's: the driver finalizes
+        and scores with the projection the workers featurized with, and traker's
+        projections differ by device (CudaProjector vs a dense matrix drawn on CPU)."""
+        from attribution.baselines.trak import resolve_device
+        from attribution.settings import SettingsError
+
+        s = self.config
+        pool = self.require_runtime().device(s.pool_request())
+        here = resolve_device(s.device)
+        if pool.split(":")[0] != here.split(":")[0]:
+            fix = ("run the driver on a GPU node ('attribution submit --driver-gpus 1') or set trak.device = "
+                   "\"cpu\" (CPU workers)" if pool.startswith("cuda") else 'set trak.device = "cpu"')
+            raise SettingsError(f"trak.actors = {s.actors}: the workers would featurize on {pool} but this "
+                                f"process finalizes and scores on {here}, and TRAK's random projection differs "
+                                f"between them; {fix}, or trak.actors = 1 (everything in this process)")
+        return pool
 
     # ------------------------------------------------------------------ run
     def run(self, plan: Plan) -> dict:
@@ -305,9 +339,10 @@ class TrakStage(Stage):
         # pixels held in memory, or the ImageSet of a file-backed dataset (decoded batch by batch)
         trainer = retrain.Retrainer(config, train["images"] if "images" in train else train["image_set"],
                                     train["labels"], train["ids"], train["mean"], train["std"], train["num_classes"])
+        pooled = s.actors != 1
         states, result["trained_checkpoints"], train_seconds = train_checkpoints(
             trainer, self.exp.path("trak") / "checkpoints", counts[-1], x["support_seed"], x["recipe"],
-            threads=1, progress=self.progress)
+            threads=1, progress=self.progress, train_many=self.train_on_pool(x) if pooled else None)
         result["train_seconds"] = time.perf_counter() - start
         result["checkpoint_train_seconds"] = known_seconds(train_seconds)
 
@@ -318,7 +353,8 @@ class TrakStage(Stage):
             lambda positions: trainer.images_at(torch.from_numpy(positions)), len(train["ids"]))
         method.fit(TrainingData(train["ids"], train["labels"], images=images, extra={
             "model_fn": lambda: retrain.build_model(config.model, num_classes, image_shape, config.width),
-            "checkpoints": states, "identity": {"recipe": x["recipe"], "train_ids": ids_digest(train["ids"])}}))
+            "checkpoints": states, "identity": {"recipe": x["recipe"], "train_ids": ids_digest(train["ids"])},
+            "featurize": self.featurize_on_pool(x, states) if pooled else None}))
         result["featurized_checkpoints"] = len(method.scorer_.featurized_now_)
         target_ids, labels = np.asarray(targets["ids"], np.int64), np.asarray(targets["labels"], np.int64)
         todo = {(u.label, u.checkpoints): u for u in plan.todo}
@@ -356,6 +392,78 @@ class TrakStage(Stage):
                       featurize_seconds=method.featurize_seconds_, score_seconds=method.score_seconds_,
                       budget_seconds={m: {"train": float(sum(result["checkpoint_train_seconds"][:m])),
                                           **method.seconds_of(m)} for m in counts})
+
+    # ------------------------------------------------------------------ the pool (trak.actors != 1)
+    def pool(self, x: dict, states: list, max_items: int):
+        """A queue of :class:`TrakWorker` on the stage's runtime, holding the training
+        set (pixels, or the ImageSet of the files) and ``states`` once per worker."""
+        from attribution.retraining import training_arrays
+
+        s = self.config
+        config = self.settings["support"].recipe().train_config(x["pool_device"]).to_dict()
+        return self.require_runtime().queue(
+            s.pool_request(max_items), TrakWorker, config, training_arrays(x["train_set"]),
+            x["method"].scorer().worker_params(), states, s.threads_per_actor, key=item_key)
+
+    def note_worker(self, done, kind: str) -> None:
+        """Count a finished pool item and its worker (the manifest's ``pool`` record)."""
+        record = self.__dict__.setdefault("pool_record", {"train_items": 0, "featurize_items": 0, "workers": {}})
+        record[kind] += 1
+        record["workers"][done.worker] = record["workers"].get(done.worker, 0) + 1
+
+    def train_on_pool(self, x: dict):
+        """``train_many`` of :func:`attribution.baselines.trak.train_checkpoints`: the
+        missing checkpoints trained on the workers, yielded as each finishes."""
+        def train_many(missing):
+            if not missing:
+                return
+            with self.pool(x, [], len(missing)) as queue:
+                for done in queue.map([{"kind": "train", "model": i, "torch_seed": seed} for i, seed in missing]):
+                    self.note_worker(done, "train_items")
+                    yield done.item["model"], done.result["state"], done.result["seconds"]
+        return train_many
+
+    def featurize_on_pool(self, x: dict, states: list):
+        """``featurize`` of :meth:`attribution.baselines.trak.TrakScorer.fit`: the rows of
+        every checkpoint to featurize, ``shard_size`` training images per item, projected
+        on the workers and stored here as each returns (the unit of resume: a rerun asks
+        only for the shards not stored); a checkpoint is finalized once all its rows are."""
+        import collections
+
+        from tqdm.auto import tqdm
+
+        from attribution import retrain
+
+        s, train = self.config, x["train"]
+        n, config, num_classes = len(train["ids"]), x["config"], int(train["num_classes"])
+        image_shape = tuple(x["train_set"].image_shape)  # (H, W, C), as Retrainer.image_shape
+
+        def model_fn():
+            return retrain.build_model(config.model, num_classes, image_shape, config.width)
+
+        def featurize(scorer, model_ids):
+            rows = {i: scorer.checkpoint_rows(model_fn, states[i], i, n) for i in model_ids}
+            items = [{"kind": "featurize", "model": i, "start": a, "stop": b}
+                     for i in model_ids for a, b in rows[i].pending(s.shard_size)]
+            left = collections.Counter(item["model"] for item in items)
+            seconds = {i: rows.pop(i).finish() for i in list(rows) if not left[i]}
+            if not items:
+                return seconds
+            with self.pool(x, states, len(items)) as queue, \
+                    tqdm(total=sum(it["stop"] - it["start"] for it in items), desc=f"trak featurize "
+                         f"({len(model_ids)} models, {queue.size} workers)", unit="img", disable=not self.progress,
+                         file=sys.stderr, dynamic_ncols=True) as bar:
+                for done in queue.map(items):
+                    self.note_worker(done, "featurize_items")
+                    item, out = done.item, done.result
+                    rows[item["model"]].write(item["start"], item["stop"], out["grads"], out["out_to_loss"],
+                                              out["seconds"])
+                    bar.update(item["stop"] - item["start"])
+                    left[item["model"]] -= 1
+                    if not left[item["model"]]:
+                        seconds[item["model"]] = rows.pop(item["model"]).finish()
+            return seconds
+        return featurize
 
     def write_ranking(self, block, unit: Unit, top_k: int) -> str:
         """The ranking file of one unit, derived from its score block (written last: it marks the unit done)."""
@@ -405,6 +513,10 @@ class TrakStage(Stage):
                           budget_seconds={str(m): {k: round(v, 2) for k, v in part.items()}
                                           for m, part in result["budget_seconds"].items()})
             summary["trained_checkpoints"] = result["trained_checkpoints"]
+            if s.actors != 1:  # which workers trained and featurized what
+                fields["pool"] = {"actors": s.actors, "shard_size": s.shard_size, "device": x["pool_device"],
+                                  **getattr(self, "pool_record", {"train_items": 0, "featurize_items": 0,
+                                                                  "workers": {}})}
         for name in s.derived_variants():  # derived from trak's scores: trak's cost
             if METHOD in method_seconds:
                 method_seconds[name] = method_seconds[METHOD]
@@ -413,6 +525,70 @@ class TrakStage(Stage):
         summary["seconds"] = seconds
         summary["method_seconds"] = method_seconds
         return summary
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+class TrakWorker(QueueWorker):
+    """A trak pool worker: holds the training set and the checkpoints once, and per item
+    trains one checkpoint (``{"kind": "train", "model": i, "torch_seed": s}`` -> its state
+    dict) or projects one shard of training images' gradients for one checkpoint
+    (``{"kind": "featurize", "model": i, "start": a, "stop": b}`` -> traker's projected
+    gradients and out-to-loss terms of positions a..b-1,
+    :meth:`attribution.baselines.trak.TrakScorer.project_rows`). It writes nothing to
+    the experiment: the driver stores what it returns."""
+
+    def __init__(self, config: dict, train: dict, scorer: dict, states: list, threads: int = 1):
+        import tempfile
+
+        import torch
+
+        from attribution import retrain
+        from attribution.baselines.trak import TrakScorer
+
+        torch.set_num_threads(int(threads))
+        if config["device"].startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"trak worker on {__import__('os').uname().nodename} got a GPU but torch sees no "
+                               'CUDA device: install a CUDA build of torch there or set trak.device = "cpu"')
+        self.config = retrain.TrainConfig(**config)
+        images = np.array(train["images"]) if "images" in train else train["image_set"]
+        if hasattr(images, "threads"):  # image files: decoded on the CPUs this worker holds
+            images.threads = int(threads)
+        self.trainer = retrain.Retrainer(self.config, images, np.array(train["labels"]), np.array(train["ids"]),
+                                         train["mean"], train["std"], train["num_classes"])
+        self.labels = np.array(train["labels"])
+        self.states = list(states)
+        self.scratch = tempfile.mkdtemp(prefix="trak-rows-")  # this worker's own traker folder
+        self.scorer = TrakScorer(self.scratch, device=self.config.device, progress=False, **scorer)
+
+    def model(self):
+        from attribution import retrain
+
+        return retrain.build_model(self.config.model, int(self.trainer.num_classes), self.trainer.image_shape,
+                                   self.config.width)
+
+    def __call__(self, item: dict) -> dict:
+        import torch
+
+        from attribution.baselines.trak import StreamedImages
+
+        begin = time.perf_counter()
+        if item["kind"] == "train":
+            model = self.trainer.train(seed=int(item["torch_seed"]))
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return {"state": state, "seconds": time.perf_counter() - begin}
+        images = StreamedImages(lambda positions: self.trainer.images_at(torch.from_numpy(positions)),
+                                len(self.labels))
+        grads, out_to_loss = self.scorer.project_rows(self.model, self.states[item["model"]], item["model"], images,
+                                                      self.labels, item["start"], item["stop"],
+                                                      f"{self.scratch}/rows")
+        return {"grads": grads, "out_to_loss": out_to_loss, "seconds": time.perf_counter() - begin}
+
+
+def item_key(item: dict) -> tuple:
+    """A pool item's name in messages: ("train", model) or ("featurize", model, start)."""
+    return (item["kind"], item["model"]) + ((item["start"],) if item["kind"] == "featurize" else ())
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -20,7 +20,8 @@ def submit_command(args) -> int:
         exp = os.path.abspath(exp)
     try:
         job_id = jobs.submit(args.address, args.preset, exp, overrides=args.overrides, stages=stages,
-                             ship_project=not args.installed, job_id=args.job_id, ablation=args.ablation)
+                             ship_project=not args.installed, job_id=args.job_id, ablation=args.ablation,
+                             entrypoint_num_gpus=args.driver_gpus)
     except jobs.SubmissionError:
         raise
     except RuntimeError as error:  # the Jobs API's refusals, e.g. a --job-id already taken
@@ -96,6 +97,9 @@ def register(subparsers):
     parser.add_argument("--ablation", default=None, metavar="NAME",
                         help="an ablation from attribution/presets/ablations.toml, applied on the cluster")
     parser.add_argument("--job-id", default=None, help="submission id (default: generated)")
+    parser.add_argument("--driver-gpus", type=float, default=0.0,
+                        help="GPUs the job's driver reserves (default 0); 1 when TRAK fans out over GPU workers "
+                             "(trak.actors != 1): the driver finalizes and scores with the workers' projection")
     parser.add_argument("--installed", action="store_true",
                         help="the cluster image has this project installed: do not upload the source")
     parser.add_argument("--no-follow", action="store_true", help="return after submitting")
