@@ -145,6 +145,8 @@ ARTIFACTS = {
     "rankings": "rankings",
     "trak": "trak",
     "datamodels": "datamodels",
+    "gradient": "gradient",
+    "further": "further",
     "lds": "lds",
     "trainings": "trainings",
     "support_targets": "support_targets.parquet",

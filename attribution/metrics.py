@@ -732,6 +732,74 @@ def lds_table(scores, data: LDSData, *, methods: Sequence[str] | None = None, n_
     return pd.DataFrame(rows)
 
 
+# ----------------------------------------------------------------------------- further training (final-model-only)
+
+
+def further_agreement_per_target(scores, gold: pd.DataFrame, *, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per (method, further-training epoch, gold target): the cosine similarity and the
+    Spearman correlation between the method's scores of the left-out training images and
+    their gold scores (Wei et al.'s two measures; :func:`attribution.further_training.agreement`).
+
+    ``gold``: EXP/further/gold.parquet (epoch, target_id, train_id, gold). Every method
+    with score blocks is measured on the gold targets it scored. Columns: method, epoch,
+    target_id, cosine, spearman."""
+    from attribution.further_training import agreement
+
+    store = _as_store(scores)
+    methods = order_methods(methods if methods is not None else store.methods())
+    epochs = sorted(int(e) for e in gold["epoch"].unique())
+    target_ids = np.sort(gold["target_id"].unique())
+    left_out = np.sort(gold["train_id"].unique())
+    # (epochs, targets, left out): the gold frame is complete by construction (the further stage)
+    cube = (gold.set_index(["epoch", "target_id", "train_id"])["gold"]
+            .reindex(pd.MultiIndex.from_product([epochs, target_ids, left_out])).to_numpy()
+            .reshape(len(epochs), len(target_ids), len(left_out)))
+    columns = pd.Index(store.train_ids()).get_indexer(left_out)
+    if (columns < 0).any():
+        raise ValueError("gold.parquet names training images the score store does not have: the further stage "
+                         "and the scores come from different training sets")
+    parts = []
+    for method in methods:
+        try:
+            block = store.scores_of(method, target_ids)
+        except (KeyError, ValueError):
+            continue  # the method did not score these targets
+        rows = pd.Index(target_ids).get_indexer(block.target_ids)
+        values = block.values[:, columns].astype(np.float64)
+        for e, epoch in enumerate(epochs):
+            measured = agreement(values, cube[e, rows])
+            parts.append(pd.DataFrame({"method": method, "epoch": epoch, "target_id": block.target_ids,
+                                       "cosine": measured["cosine"], "spearman": measured["spearman"]}))
+    if not parts:
+        return pd.DataFrame(columns=["method", "epoch", "target_id", "cosine", "spearman"])
+    return pd.concat(parts, ignore_index=True)
+
+
+def further_agreement_table(per_target: pd.DataFrame, *, n_boot: int = 1000, confidence: float = 0.95,
+                            seed: int = 0) -> pd.DataFrame:
+    """Mean cosine and Spearman per (method, epoch) over the gold targets EVERY method
+    scored (paired), with seeded bootstrap intervals. A target whose gold or scores are
+    constant (NaN agreement) is dropped for every method. Columns: method, epoch,
+    n_targets, cosine, cosine_low, cosine_high, spearman, spearman_low, spearman_high."""
+    if per_target.empty:
+        return pd.DataFrame(columns=["method", "epoch", "n_targets", "cosine", "cosine_low", "cosine_high",
+                                     "spearman", "spearman_low", "spearman_high"])
+    valid = per_target.dropna(subset=["cosine", "spearman"])
+    methods = order_methods(per_target["method"].unique())
+    common = set.intersection(*(set(valid[valid["method"] == m]["target_id"]) for m in methods)) if methods else set()
+    rows = []
+    for (method, epoch), part in per_target.groupby(["method", "epoch"], sort=False):
+        part = part[part["target_id"].isin(common)].sort_values("target_id")
+        row = {"method": method, "epoch": int(epoch), "n_targets": len(part)}
+        for measure in ("cosine", "spearman"):
+            ci = _mean_with_ci(part[measure].to_numpy(np.float64), n_boot, confidence, seed)
+            row.update({measure: ci["mean"], f"{measure}_low": ci["low"], f"{measure}_high": ci["high"]})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["order"] = table["method"].map({m: i for i, m in enumerate(methods)})
+    return table.sort_values(["order", "epoch"]).drop(columns="order").reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------- score vectors: non-zeros, ties
 
 

@@ -22,7 +22,9 @@ from attribution import metrics as M
 from attribution.artifacts import atomic_path
 from attribution.methods import available_methods, order_methods
 
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+# matplotlib's tab10, then five more: one colour per registered method (11 today)
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+           "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -134,6 +136,30 @@ def plot_frontier(frontier: pd.DataFrame, path: Path) -> Path | None:
         ax.grid(alpha=0.3, which="both")
         if len(shown):
             ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
+
+
+def plot_further_agreement(table: pd.DataFrame, path: Path) -> Path | None:
+    """Wei et al.'s main figure: each method's mean cosine similarity and Spearman
+    correlation with the further-training gold scores against the further-training
+    length (epochs), intervals as bands. ``table``: :func:`attribution.metrics.further_agreement_table`."""
+    if table.empty:
+        return None
+    methods = list(dict.fromkeys(table["method"]))
+    colors = method_colors(methods)
+    fig = new_figure(10.0, 4.2)
+    axes = fig.subplots(1, 2)
+    for ax, (measure, label) in zip(axes, (("cosine", "cosine similarity"), ("spearman", "Spearman correlation"))):
+        for method in methods:
+            part = table[table["method"] == method].sort_values("epoch")
+            ax.plot(part["epoch"], part[measure], "o-", color=colors[method], label=method, ms=4)
+            ax.fill_between(part["epoch"], part[f"{measure}_low"], part[f"{measure}_high"], color=colors[method],
+                            alpha=0.15)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("epochs of further training")
+        ax.set_ylabel(f"{label} with the gold scores")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
     return save_figure(fig, path)
 
 

@@ -771,6 +771,96 @@ def frontier_section(doc: Document, r: ReportInputs) -> None:
         doc.para("No method has both compute seconds and a metric: no frontier plot.")
 
 
+def further_section(doc: Document, r: ReportInputs) -> None:
+    """Agreement of every method's scores with the further-training gold standard
+    (Wei et al., arXiv 2412.03906), against the further-training length."""
+    gold_path = r.root / "further" / "gold.parquet"
+    if not gold_path.exists():
+        return  # the preset has no [further] section: nothing to say
+    doc.heading(2, "Agreement with further training (final-model-only gold standard)")
+    if r.store is None:
+        doc.para("Not available: no score vectors (EXP/scores/).")
+        return
+    gold = pd.read_parquet(gold_path)
+    table = M.further_agreement_table(M.further_agreement_per_target(r.store, gold), **r.boot)
+    further = r.manifest.get("further") or {}
+    if table.empty:
+        doc.para("No method's score blocks cover the gold targets.")
+        return
+    doc.para(f"From the gradient stage's final model, further training at SGD lr {further.get('lr')} "
+             f"(batch {further.get('batch_size')}, {further.get('dtype')}) on the full training set and without each "
+             f"of {further.get('left_out')} seeded training images, same seed and sample order, "
+             f"{further.get('seeds')} seeds; the gold score of a left-out image for a target is the mean change of "
+             f"the target's loss (source EXP/further/gold.parquet; mean standard error over seeds at the last "
+             f"epoch {_fmt(further.get('mean_gold_se'), 3)} against a mean |gold| of "
+             f"{_fmt(further.get('mean_abs_gold'), 3)}). Per target: the cosine similarity and Spearman "
+             f"correlation between a method's scores of the left-out images and their gold scores; means over the "
+             f"{int(table['n_targets'].max())} gold targets every method scored (paired). " + r.ci_text)
+    last = table[table["epoch"] == table["epoch"].max()]
+    first = table[table["epoch"] == table["epoch"].min()]
+    doc.table(pd.DataFrame({
+        "method": last["method"],
+        f"cosine @ {int(first['epoch'].iloc[0])} ep": [_ci(row.cosine, row.cosine_low, row.cosine_high)
+                                                     for row in first.itertuples()],
+        f"cosine @ {int(last['epoch'].iloc[0])} ep": [_ci(row.cosine, row.cosine_low, row.cosine_high)
+                                                    for row in last.itertuples()],
+        f"Spearman @ {int(first['epoch'].iloc[0])} ep": [_ci(row.spearman, row.spearman_low, row.spearman_high)
+                                                       for row in first.itertuples()],
+        f"Spearman @ {int(last['epoch'].iloc[0])} ep": [_ci(row.spearman, row.spearman_low, row.spearman_high)
+                                                      for row in last.itertuples()]}))
+    doc.bullets(further_findings(table))
+    plot = plots.plot_further_agreement(table, r.files / "further_agreement.png")
+    if plot:
+        doc.image(plot, "Agreement with the further-training gold scores against further-training length")
+    loo_path = r.root / "further" / "loo.parquet"
+    if loo_path.exists():
+        loo = pd.read_parquet(loo_path).rename(columns={"loo": "gold"}).assign(epoch=0)
+        loo_table = M.further_agreement_table(M.further_agreement_per_target(r.store, loo), **r.boot)
+        doc.para(f"Leave-one-out retraining from scratch (dattri's `loo_corr`): the [support] recipe trained on "
+                 f"everything and without each left-out image, {further.get('loo_seeds')} seeds each; per target "
+                 "the Spearman correlation (and cosine) between a method's scores of the left-out images and the "
+                 "mean change of the target's loss (source EXP/further/loo.parquet). Same targets and pairing as "
+                 "above.")
+        doc.table(pd.DataFrame({
+            "method": loo_table["method"], "targets": loo_table["n_targets"],
+            "LOO Spearman (loo_corr)": [_ci(row.spearman, row.spearman_low, row.spearman_high)
+                                        for row in loo_table.itertuples()],
+            "LOO cosine": [_ci(row.cosine, row.cosine_low, row.cosine_high) for row in loo_table.itertuples()]}))
+
+
+def further_findings(table: pd.DataFrame) -> list[str]:
+    """Wei et al.'s finding, checked here, not assumed: first-order methods (grad-dot,
+    grad-cos, tracin) agree well after short further training and decay with longer;
+    influence functions (if-cg, ekfac) are more stable but lower."""
+    first_order = [m for m in ("grad-dot", "grad-cos", "tracin") if m in set(table["method"])]
+    influence = [m for m in ("if-cg", "ekfac") if m in set(table["method"])]
+    if not first_order or not influence or table["epoch"].nunique() < 2:
+        return ["Wei et al.'s finding needs first-order and influence-function methods at two lengths or more: "
+                "not checked."]
+    lo, hi = table["epoch"].min(), table["epoch"].max()
+    at = table.set_index(["method", "epoch"])
+    lines = []
+    for m in first_order + influence:
+        a, b = at.loc[(m, lo)], at.loc[(m, hi)]
+        change = "decays" if b.cosine_high < a.cosine_low else "rises" if b.cosine_low > a.cosine_high else \
+            "does not change beyond the intervals"
+        lines.append(f"{m}: cosine {a.cosine:.3f} [{a.cosine_low:.3f}, {a.cosine_high:.3f}] after {lo} epoch(s), "
+                     f"{b.cosine:.3f} [{b.cosine_low:.3f}, {b.cosine_high:.3f}] after {hi}: {change}")
+    best_first = max(first_order, key=lambda m: at.loc[(m, lo)].cosine)
+    best_if = max(influence, key=lambda m: at.loc[(m, lo)].cosine)
+    short = at.loc[(best_first, lo)].cosine_low > at.loc[(best_if, lo)].cosine_high
+    decays = all(at.loc[(m, hi)].cosine_high < at.loc[(m, lo)].cosine_low for m in first_order)
+    stable = all(abs(at.loc[(m, hi)].cosine - at.loc[(m, lo)].cosine) <
+                 min(abs(at.loc[(f, hi)].cosine - at.loc[(f, lo)].cosine) for f in first_order) for m in influence)
+    verdict = "reproduced" if short and decays and stable else "not reproduced"
+    lines.append(f"Wei et al.'s finding (first-order methods agree best after short further training and decay with "
+                 f"longer; influence functions lower but more stable): **{verdict}** here (first-order above "
+                 f"influence after {lo} epoch(s) beyond the intervals: {'yes' if short else 'no'}; every "
+                 f"first-order method decays: {'yes' if decays else 'no'}; influence functions change less: "
+                 f"{'yes' if stable else 'no'}).")
+    return lines
+
+
 def retraining_section(doc: Document, r: ReportInputs) -> None:
     """How many retrainings the support evaluation logged, and their time."""
     trainings = r.trainings
@@ -819,7 +909,8 @@ def image_grid_section(doc: Document, r: ReportInputs) -> None:
 # The report's sections, in document order: each is section(doc, inputs).
 SECTIONS: tuple[Callable[[Document, ReportInputs], None], ...] = (
     title_section, claims_section, header_section, availability_section, support_section, win_rate_section,
-    overlap_section, scores_section, lds_section, cost_section, frontier_section, retraining_section,
+    overlap_section, scores_section, lds_section, further_section, cost_section, frontier_section,
+    retraining_section,
     image_grid_section,
 )
 

@@ -22,7 +22,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -434,10 +434,16 @@ class Retrainer:
                                    "train on (a retraining must keep at least one image)")
         return subset
 
-    def train(self, removed_ids=(), relabel_ids=(), relabel_to: int | None = None, seed: int = 0) -> nn.Module:
+    def train(self, removed_ids=(), relabel_ids=(), relabel_to: int | None = None, seed: int = 0,
+              on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
         """A model trained from scratch on the changed training set; deterministic per ``seed``
-        (with the stacked engine: a group of one, the same model it is in any group)."""
+        (with the stacked engine: a group of one, the same model it is in any group).
+        ``on_epoch(epoch, model)`` after every epoch (1-based; the module engine only): the
+        trajectory's checkpoints, e.g. for TracInCP."""
         if self.config.engine == "stacked":
+            if on_epoch is not None:
+                raise ValueError("on_epoch needs the module engine (engine = \"module\"); the stacked engine "
+                                 "trains many models at once and keeps no per-epoch states")
             from attribution.batched_retrain import Change
 
             return self.train_many([Change(removed_ids, relabel_ids, relabel_to, seed)])[0]
@@ -464,7 +470,11 @@ class Retrainer:
         amp_dtype = torch.bfloat16 if bf16 else None  # None: the device's autocast default (fp16 on CUDA)
         scaler = torch.amp.GradScaler("cuda") if use_amp and not bf16 else None
         model.train()
-        for _ in range(config.epochs):
+        for epoch in range(config.epochs):
+            if on_epoch is not None and epoch:
+                model.eval()
+                on_epoch(epoch, model)
+                model.train()
             perm = torch.randperm(n, generator=generator)
             for start in range(0, n, config.batch_size):
                 batch = perm[start:start + config.batch_size]
@@ -485,6 +495,8 @@ class Retrainer:
                 if scheduler is not None:
                     scheduler.step()
         model.eval()
+        if on_epoch is not None:
+            on_epoch(config.epochs, model)
         return model
 
     def train_many(self, changes: Sequence) -> list[nn.Module]:

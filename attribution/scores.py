@@ -23,6 +23,8 @@ id ascending), the first ``top_k`` kept.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import os
 from pathlib import Path
 from typing import Iterator
@@ -193,6 +195,28 @@ def write_ranking(block: ScoreBlock, top_k: int, path: str | os.PathLike, settin
     from attribution.ranking import sort_rankings
 
     return write_table(sort_rankings(rank_block(block, top_k)), path, settings=settings)
+
+
+@dataclass
+class ClassUnit:
+    """One (method or variant, class of targets) of a scoring stage: its score block
+    (``EXP/scores/<method>/classNNN.parquet``) and its ranking file, each with the
+    settings it is stored with (the trak and gradient stages resume per unit)."""
+
+    method: str
+    label: int
+    scores: dict   # the block's settings
+    ranking: dict  # the ranking's settings
+
+    @property
+    def block(self) -> str:
+        return f"class{int(self.label):03d}"
+
+    @property
+    def file(self) -> str:
+        from attribution.ranking import ranking_file_name
+
+        return ranking_file_name(self.method, self.label)
 
 
 def concat_blocks(blocks: list[ScoreBlock]) -> ScoreBlock:

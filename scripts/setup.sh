@@ -23,5 +23,5 @@ PY="${PYTHON:-python3}"
 # torch/torchvision are pinned (they install from this machine's disk); install them
 # first so that no other requirement pulls a different build.
 "$PY" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-"$PY" -m pip install -q --disable-pip-version-check -e ".[test,baselines,thundersvm]"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[test,baselines,thundersvm,gradient]"
 echo "[setup] done: $("$PY" -c 'import torch, ray, faiss; print("torch", torch.__version__, "ray", ray.__version__, "faiss", faiss.__version__)')"

@@ -51,6 +51,8 @@ def test_every_ablation_applies_to_every_preset(preset_name):
             continue
         preset = load_preset(preset_name, {"support.targets": 3}, ablation=name)
         assert preset["ablation"] == name and preset["support"]["targets"] == 3
+        for section in ablation.get("add", {}):  # a stage the preset does not run, added
+            assert isinstance(preset[section], dict), (name, section)
         for stage in ablation.get("drop", []):
             assert stage not in preset
         for dotted, value in ablation.get("set", {}).items():

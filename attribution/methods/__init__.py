@@ -119,3 +119,4 @@ __all__ = ["AttributionMethod", "CostSpec", "ScoreBlock", "Targets", "TrainingDa
 from attribution.methods import similarity  # noqa: E402,F401  esvm, l2, cosine, random
 from attribution.methods import trak  # noqa: E402,F401
 from attribution.methods import datamodels  # noqa: E402,F401
+from attribution.methods import gradient  # noqa: E402,F401  tracin, grad-dot, grad-cos, if-cg, ekfac

@@ -19,13 +19,14 @@ def available_presets() -> list[str]:
 
 def load_ablations() -> dict[str, dict[str, Any]]:
     """The ablations any preset can take (attribution/presets/ablations.toml): name ->
-    {description, set: {section.key: value}, drop: [stage, ...]}."""
+    {description, set: {section.key: value}, drop: [stage, ...], add: {section: {key: value}}}."""
     with open(ABLATIONS_FILE, "rb") as handle:
         return tomllib.load(handle)
 
 
 def apply_ablation(preset: dict[str, Any], name: str) -> dict[str, Any]:
     """A copy of ``preset`` with ablation ``name`` applied (its ``drop`` stages removed,
+    its ``add`` sections added (stages the preset does not run, e.g. the gradient family),
     its ``set`` values written); ``preset["ablation"]`` records the name."""
     from attribution.settings import SettingsError, did_you_mean
 
@@ -37,6 +38,8 @@ def apply_ablation(preset: dict[str, Any], name: str) -> dict[str, Any]:
     out = {key: (dict(value) if isinstance(value, dict) else value) for key, value in preset.items()}
     for stage in ablation.get("drop", []):
         out.pop(stage, None)
+    for section, values in ablation.get("add", {}).items():
+        out[section] = {**dict(out.get(section) or {}), **dict(values)}
     for dotted, value in ablation.get("set", {}).items():
         section = dotted.split(".")[0]
         if section not in out:  # a stage the preset does not run: the ablation would add it with defaults

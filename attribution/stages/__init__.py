@@ -92,5 +92,7 @@ from attribution.stages import embed  # noqa: E402,F401
 from attribution.stages import rank  # noqa: E402,F401
 from attribution.stages import trak  # noqa: E402,F401  baselines write scores + rankings before support reads every method
 from attribution.stages import datamodels  # noqa: E402,F401
+from attribution.stages import gradient  # noqa: E402,F401  tracin, grad-dot, grad-cos, if-cg, ekfac
+from attribution.stages import further  # noqa: E402,F401  the further-training gold standard (reads gradient)
 from attribution.stages import support  # noqa: E402,F401
 from attribution.stages import report  # noqa: E402,F401

@@ -135,6 +135,25 @@ class Stage(abc.ABC):
         return summary
 
     # ------------------------------------------------------------------ helpers
+    def ranked_data(self, target_ids=None) -> tuple:
+        """(target ids, training ImageSet, test ImageSet, the targets' arrays) of the
+        stages that score the rank stage's targets (trak, gradient, further): the
+        ranked targets (or ``target_ids``, a sample of them), refused with the fix when
+        they are not test images of the preset's dataset."""
+        from attribution.ranking import ranked_targets
+        from attribution.retraining import target_arrays
+
+        if target_ids is None:
+            target_ids = ranked_targets(self.exp, self.name)
+        data = self.settings.data
+        train_set, test_set = data.load("train"), data.load("test", subset=False)
+        try:
+            targets = target_arrays(test_set, target_ids)
+        except KeyError as error:
+            raise ValueError(f"{error.args[0]}: the targets in {self.exp.rankings} are not test images of "
+                             f"{data.dataset}; rerun the rank stage or fix [data]") from error
+        return target_ids, train_set, test_set, targets
+
     def require_runtime(self):
         if self.runtime is None:
             raise RuntimeError(f"the {self.name} stage runs work on a pool: construct it with a runtime "

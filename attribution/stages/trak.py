@@ -64,6 +64,7 @@ from typing import ClassVar
 import numpy as np
 
 from attribution.artifacts import aside, ids_digest, reuse
+from attribution.scores import ClassUnit
 from attribution.settings import Section, setting
 from attribution.stages import Flag, Plan, Stage, register_stage
 from attribution.workqueue import QueueWorker
@@ -145,24 +146,10 @@ class TrakSettings(Section):
 
 
 @dataclass
-class Unit:
-    """One (method or variant, class of targets): one score block and one ranking file."""
+class Unit(ClassUnit):
+    """One (method or variant, class of targets) of the trak stage."""
 
-    method: str
-    label: int
-    checkpoints: int | None  # None: derived (same-class) from trak's block
-    scores: dict             # the block's settings
-    ranking: dict            # the ranking's settings
-
-    @property
-    def block(self) -> str:
-        return block_name(self.label)
-
-    @property
-    def file(self) -> str:
-        from attribution.ranking import ranking_file_name
-
-        return ranking_file_name(self.method, self.label)
+    checkpoints: int | None = None  # None: derived (same-class) from trak's block
 
 
 @register_stage
@@ -184,8 +171,7 @@ class TrakStage(Stage):
     # ------------------------------------------------------------------ plan
     def plan(self) -> Plan:
         from attribution.methods import create_method
-        from attribution.ranking import ranked_targets
-        from attribution.retraining import recipe_fingerprint, target_arrays, training_arrays
+        from attribution.retraining import recipe_fingerprint, training_arrays
         from attribution.scores import ScoreStore
 
         self.started = time.perf_counter()
@@ -194,15 +180,8 @@ class TrakStage(Stage):
         recipe = support.recipe()
         config = recipe.train_config()  # a bad model name fails here, before any data is loaded
         top_k = int(s.top_k if s.top_k is not None else self.settings["rank"].top_k)
-        target_ids = ranked_targets(self.exp, self.name)
+        target_ids, train_set, test_set, targets = self.ranked_data()
         data = self.settings.data
-        train_set = data.load("train")
-        test_set = data.load("test", subset=False)
-        try:
-            targets = target_arrays(test_set, target_ids)
-        except KeyError as error:
-            raise ValueError(f"{error.args[0]}: the targets in {self.exp.rankings} are not test images of "
-                             f"{data.dataset}; rerun the rank stage or fix [data]") from error
         train = training_arrays(train_set)
         fingerprint = recipe_fingerprint(config, data.key(), support.seed, len(train["ids"]))
         method = create_method(METHOD, **s.method_params(), save_dir=self.exp.path("trak") / "features",
@@ -221,11 +200,11 @@ class TrakStage(Stage):
             digest = ids_digest(target_ids[labels == c])
             for name, m in s.budget_variants().items():
                 key = {**common, "checkpoints": m, "targets": digest}
-                units.append(Unit(name, c, m, key, {**key, "top_k": top_k}))
+                units.append(Unit(name, c, key, {**key, "top_k": top_k}, checkpoints=m))
             trak_key = {**common, "checkpoints": s.checkpoints, "targets": digest}
             for name in s.derived_variants():
                 key = {**trak_key, "view": SAME_CLASS}
-                units.append(Unit(name, c, None, key, {**key, "top_k": top_k}))
+                units.append(Unit(name, c, key, {**key, "top_k": top_k}))
         todo, rerank, derive, reused = [], [], [], []
         for unit in units:
             # done: the ranking (written last) with these settings, and its score block
