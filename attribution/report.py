@@ -686,7 +686,35 @@ def lds_section(doc: Document, r: ReportInputs) -> None:
     unscored = table[table["n_scored"] == 0]["method"].tolist()
     if unscored:
         notes.append(f"score blocks without LDS targets (not in the table): {', '.join(unscored)}")
+    notes += dattri_ordering(r, scored)
     doc.bullets(notes)
+
+
+# dattri's benchmark ordering of LDS on an MNIST MLP (../shared/reference/anchors.md):
+# TRAK with 10 models 0.33 > IF-CG 0.26 > TracIn 0.15 > Grad-Cos 0.12, Grad-Dot 0.10
+DATTRI_MLP_ORDER = (("trak", "if-cg"), ("if-cg", "tracin"), ("tracin", "grad-dot"), ("tracin", "grad-cos"))
+
+
+def dattri_ordering(r: ReportInputs, scored: pd.DataFrame) -> list[str]:
+    """dattri's LDS ordering on an MNIST MLP, checked pair by pair on these targets with
+    the paired difference (per-target LDS of the first minus the second, a constant
+    prediction counting 0, over the targets both scored; bootstrap interval):
+    "confirmed" when the interval lies above 0, "reversed" below, else "not resolved";
+    not stated when the methods are not all here."""
+    names = sorted({m for pair in DATTRI_MLP_ORDER for m in pair})
+    if not set(names) <= set(scored["method"]):
+        return []
+    per = M.lds_per_target(r.store, r.lds_data, methods=names)
+    per = per.assign(rho=np.where(per["constant"].to_numpy(bool), 0.0, per["lds"].to_numpy(np.float64)))
+    wide = per.pivot_table(index="target_id", columns="method", values="rho")
+    parts = []
+    for a, b in DATTRI_MLP_ORDER:
+        diff = (wide[a] - wide[b]).dropna().to_numpy()
+        low, high = M.bootstrap_ci(diff, **r.boot)
+        verdict = "confirmed" if low > 0 else "reversed" if high < 0 else "not resolved"
+        parts.append(f"{a} - {b} {diff.mean():+.3f} [{low:+.3f}, {high:+.3f}] ({len(diff)} targets): {verdict}")
+    return ["dattri's LDS ordering on an MNIST MLP (TRAK with 10 models > IF-CG > TracIn > Grad-Dot, Grad-Cos; "
+            "here trak has the [trak] checkpoints), as paired differences: " + "; ".join(parts)]
 
 
 def cost_section(doc: Document, r: ReportInputs) -> None:

@@ -143,3 +143,40 @@ def test_agreement_table_pairs_methods_on_the_gold_targets(tmp_path):
     assert set(table["n_targets"]) == {4}
     findings = further_findings(table)
     assert "not reproduced" in findings[-1]  # if-cg is not "lower but stable" here: it is the negation
+
+
+def test_dattri_ordering_is_checked_with_paired_differences(tmp_path):
+    """Scores built so that LDS falls along dattri's order (trak's scores are the true
+    linear model, each later method adds more noise): every pair "confirmed"; the
+    reversed construction: "reversed"."""
+    from types import SimpleNamespace
+
+    from attribution import metrics as M
+    from attribution.methods import ScoreBlock
+    from attribution.report import dattri_ordering
+    from attribution.scores import ScoreStore
+
+    rng = np.random.default_rng(1)
+    n_train, n_targets, n_models = 60, 30, 80
+    train_ids, target_ids = np.arange(n_train), np.arange(1000, 1000 + n_targets)
+    masks = rng.random((n_models, n_train)) < 0.5
+    truth = rng.normal(size=(n_targets, n_train))
+    margins = masks.astype(float) @ truth.T + 0.1 * rng.normal(size=(n_models, n_targets))
+    data = M.LDSData(masks, margins, train_ids, target_ids, "lds")
+    order = ["trak", "if-cg", "tracin", "grad-dot", "grad-cos"]
+    for reverse in (False, True):
+        store = ScoreStore(tmp_path / f"scores{reverse}")
+        for rank, name in enumerate(order[::-1] if reverse else order):
+            noise = [0.0, 1.0, 3.0, 9.0, 9.0][rank]
+            values = truth + noise * rng.normal(size=truth.shape)
+            store.write(ScoreBlock(name, target_ids, np.zeros(n_targets, np.int64), train_ids,
+                                   values.astype(np.float32)), "class000", {})
+        r = SimpleNamespace(store=store, lds_data=data, boot={"n_boot": 300, "confidence": 0.95, "seed": 0})
+        scored = M.lds_table(store, data, n_boot=300)
+        line = dattri_ordering(r, scored)[0]
+        verdicts = [part.rsplit(": ", 1)[1] for part in line.split("paired differences: ")[1].split("; ")]
+        if reverse:
+            assert verdicts[1:] == ["reversed"] * 3, line  # trak and if-cg: both noisiest here
+        else:
+            assert verdicts == ["confirmed"] * 4, line
+    assert dattri_ordering(r, scored[scored["method"] != "if-cg"]) == []  # not all there: not stated
