@@ -142,7 +142,9 @@ def test_agreement_table_pairs_methods_on_the_gold_targets(tmp_path):
     assert abs(at.loc[("grad-dot", 2), "cosine"]) < 0.8  # epoch 2's gold is other numbers
     assert set(table["n_targets"]) == {4}
     findings = further_findings(table)
-    assert "not reproduced" in findings[-1]  # if-cg is not "lower but stable" here: it is the negation
+    verdicts = [line for line in findings if line.startswith("Wei et al.'s finding by")]
+    assert len(verdicts) == 2 and "by cosine" in verdicts[0] and "by spearman" in verdicts[1]
+    assert "**not reproduced**" in verdicts[0]  # if-cg is not "lower but stable" here: it is the negation
 
 
 def test_dattri_ordering_is_checked_with_paired_differences(tmp_path):

@@ -83,8 +83,9 @@ class FurtherWorker(QueueWorker):
         from attribution.further_training import FurtherTrainer
 
         torch.set_num_threads(1)
-        x = retrain.to_tensor(np.asarray(train["images"]), train["mean"], train["std"])
-        tx = retrain.to_tensor(np.asarray(targets["images"]), train["mean"], train["std"])
+        # Ray hands numpy arrays over read-only from the object store; copy once here
+        x = retrain.to_tensor(np.array(train["images"]), train["mean"], train["std"])
+        tx = retrain.to_tensor(np.array(targets["images"]), train["mean"], train["std"])
 
         def model_fn():
             return retrain.build_model(model["name"], model["num_classes"], tuple(model["image_shape"]),

@@ -60,6 +60,9 @@ class GradientSettings(Section):
     max_block_mb: float = setting(256.0, low=0, help="largest (targets x training images) block a method holds")
     if_damping: float = setting(1.0, low=0, help="if-cg: damping added to the Hessian (above the MLP's negative curvature: CG diverges at 0.01)")
     if_max_iter: int = setting(30, low=1, help="if-cg: conjugate-gradient iterations")
+    if_batch_size: int = setting(16, low=1, help="if-cg: targets solved at once (and its gradient batch): memory "
+                                                 "~ targets x training images x the model's activations (128 "
+                                                 "targets over 3,000 MLP images peaked at 17 GB)")
     ekfac_damping: float | None = setting(None, low=0, help="ekfac: damping (unset: kronfluence's heuristic, "
                                                             "0.1 x the mean eigenvalue)")
     device: str = setting("auto", help='"auto": CUDA when available, else CPU; "cpu" or "cuda[:i]"')
@@ -75,7 +78,8 @@ class GradientSettings(Section):
         """Constructor parameters of one method from this section."""
         common = {"device": self.device, "batch_size": self.batch_size, "max_block_mb": self.max_block_mb}
         if name == "if-cg":
-            return {**common, "damping": self.if_damping, "max_iter": self.if_max_iter}
+            return {**common, "batch_size": self.if_batch_size, "damping": self.if_damping,
+                    "max_iter": self.if_max_iter}
         if name == "ekfac":
             return {**common, "damping": self.ekfac_damping}
         return common
