@@ -118,8 +118,7 @@ class FurtherStage(Stage):
         import torch
 
         from attribution.baselines.trak import state_digest
-        from attribution.ranking import ranked_targets
-        from attribution.retraining import read_parts, training_arrays
+        from attribution.retraining import read_parts, target_arrays, training_arrays
 
         self.started = time.perf_counter()
         s, force = self.config, bool(self.options.get("force", False))
@@ -132,17 +131,17 @@ class FurtherStage(Stage):
             raise ValueError(f"{final} is missing: rerun 'attribution gradient'")
         stored = torch.load(final, map_location="cpu", weights_only=True)
         data = self.settings.data
-        train_set = data.load("train")
+        ranked, train_set, test_set, _ = self.ranked_data()  # the data loaded once
         if not train_set.in_memory:
             raise ValueError("further.*: further training holds the training set in memory; a file-backed "
                              "dataset (imagenet) is not supported yet: drop [further] from the preset")
         seed = int(s.seed if s.seed is not None else self.settings.seed)
         rng = np.random.default_rng(seed)
-        ranked = np.sort(ranked_targets(self.exp, self.name))
+        ranked = np.sort(ranked)
         target_ids = np.sort(rng.choice(ranked, size=min(s.targets, len(ranked)), replace=False))
         left_out = np.sort(rng.choice(len(train_set), size=min(s.left_out, len(train_set)), replace=False))
         train = training_arrays(train_set)
-        target_ids, _, test_set, targets = self.ranked_data(target_ids)
+        targets = target_arrays(test_set, target_ids)
         config = stored["config"]  # the final model's recipe
         batch_size = int(s.batch_size or config["batch_size"])
         settings = {"model": state_digest(stored["state_dict"]), "lr": s.lr, "epochs": s.epochs,
@@ -185,7 +184,7 @@ class FurtherStage(Stage):
         loo_todo = [job for job in loo_jobs if (job["seed"], job["train_id"]) not in loo_done]
         return Plan(todo=todo, reused=[f"{len(done)} runs"], extra={
             "loo_jobs": loo_jobs, "loo_todo": loo_todo, "loo_done": loo_done, "loo_settings": loo_settings,
-            "loo_config": loo_config, "test_set": test_set,
+            "loo_config": loo_config,
             "done": done, "items": items, "settings": settings, "train": train, "targets": targets,
             "target_ids": target_ids, "left_out": left_out, "state": stored["state_dict"],
             "model": {"name": config["model"], "num_classes": int(train["num_classes"]),

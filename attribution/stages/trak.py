@@ -519,6 +519,7 @@ class TrakWorker(QueueWorker):
     the experiment: the driver stores what it returns."""
 
     def __init__(self, config: dict, train: dict, scorer: dict, states: list, threads: int = 1):
+        import os
         import tempfile
 
         import torch
@@ -528,7 +529,7 @@ class TrakWorker(QueueWorker):
 
         torch.set_num_threads(int(threads))
         if config["device"].startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"trak worker on {__import__('os').uname().nodename} got a GPU but torch sees no "
+            raise RuntimeError(f"trak worker on {os.uname().nodename} got a GPU but torch sees no "
                                'CUDA device: install a CUDA build of torch there or set trak.device = "cpu"')
         self.config = retrain.TrainConfig(**config)
         images = np.array(train["images"]) if "images" in train else train["image_set"]
