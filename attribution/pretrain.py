@@ -51,6 +51,7 @@ from torch.nn import functional as F
 
 from attribution.backbones import BackboneSpec, FeatureExtractor, build_trunk, save_backbone_checkpoint
 from attribution.data import ImageSet
+from attribution.retrain import resolve_precision
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -124,17 +125,6 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
 
 
 # ----------------------------------------------------------------------------- pretrainer
-
-
-def resolve_precision(precision: str) -> str:
-    """'auto' -> 'bf16' when the CPU has native bfloat16 (emulated bf16 would be slower)."""
-    if precision != "auto":
-        return precision
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
 
 
 class Pretrainer:

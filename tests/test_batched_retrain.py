@@ -144,6 +144,19 @@ def test_engine_and_precision_are_in_the_fingerprint_only_when_not_the_defaults(
     assert retrain.make_config("fmnist-mlp-bf16").engine == "stacked"
 
 
+def test_auto_precision_resolves_to_what_the_device_runs_natively(monkeypatch):
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(retrain, "native_bf16", lambda device="cpu", native=native: native)
+        config = retrain.make_config("mlp", engine="stacked", precision="auto")
+        assert config.precision == expected  # the config (and its fingerprint) names what runs
+        assert config.fingerprint() == retrain.make_config("mlp", engine="stacked", precision=expected).fingerprint()
+    monkeypatch.setattr(retrain, "native_bf16", lambda device="cpu": False)
+    with pytest.warns(RuntimeWarning, match="emulated.*'auto'"):
+        retrain.make_config("mlp", engine="stacked", precision="bf16")
+    with pytest.raises(ValueError, match="precision"):
+        retrain.TrainConfig(precision="auto")  # resolved by make_config, never stored
+
+
 def test_worker_trains_a_group_and_fails_only_its_bad_item(data):
     train, test = data
     config = retrain.make_config("mlp", epochs=2, engine="stacked")

@@ -108,8 +108,9 @@ class SupportSettings(RetrainPoolSettings):
     engine: str | None = setting(None, choices=("module", "stacked"),
                                  help="'stacked': many MLPs trained at once per worker (attribution/batched_retrain.py)"
                                       "; 'module': one model at a time (unset: the recipe's)")
-    precision: str | None = setting(None, choices=("fp32", "bf16"),
-                                    help="'bf16': bfloat16 matrix products, fp32 weights (unset: the recipe's)")
+    precision: str | None = setting(None, choices=("fp32", "bf16", "auto"),
+                                    help="'bf16': bfloat16 matrix products, fp32 weights; 'auto': bf16 where the "
+                                         "device has it natively, else fp32 (unset: the recipe's)")
     seeds: int = setting(5, low=1, help="trainings per bisection step (the reference's num_tests)")
     first_seeds: int = setting(1, low=1, help="trainings of the first test at k = limit (reference: 1)")
     budget: int = setting(8, low=0, help="bisection steps after the first test")
